@@ -1,0 +1,135 @@
+//! The per-request context that flows through the stages, and the record post-call hooks get.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use crate::pipeline::authenticate::Principal;
+use crate::providers::{Endpoint, JsonObject, Usage};
+use crate::router::Deployment;
+
+/// What the pipeline knows about one request so far. Stages fill it in order.
+#[derive(Debug)]
+pub struct Call {
+    /// Unique per request; in every log line, header and hook event about it.
+    pub id: String,
+    pub endpoint: Endpoint,
+    pub received: Instant,
+    pub received_at: SystemTime,
+    /// Set by authenticate.
+    pub principal: Option<Arc<Principal>>,
+    /// The model the client asked for; responses carry this name back.
+    pub requested_model: String,
+    /// The model group the call is routed to (the requested one unless an enricher moved it).
+    pub model: String,
+    pub stream: bool,
+    /// The body's `user`.
+    pub end_user: Option<String>,
+    pub metadata: JsonObject,
+    pub tags: Vec<String>,
+    /// Upstream attempts made, across retries and fallbacks.
+    pub attempts: u32,
+    /// Fallback groups tried.
+    pub fallbacks: u32,
+    pub deployment: Option<Arc<Deployment>>,
+    /// Time spent waiting on upstreams (to the head, or the whole body).
+    pub upstream_time: Duration,
+    pub usage: Option<Usage>,
+    pub cost: f64,
+}
+
+impl Call {
+    pub fn new(endpoint: Endpoint) -> Call {
+        Call {
+            id: format!("call-{}", uuid::Uuid::new_v4().simple()),
+            endpoint,
+            received: Instant::now(),
+            received_at: SystemTime::now(),
+            principal: None,
+            requested_model: String::new(),
+            model: String::new(),
+            stream: false,
+            end_user: None,
+            metadata: JsonObject::new(),
+            tags: Vec::new(),
+            attempts: 0,
+            fallbacks: 0,
+            deployment: None,
+            upstream_time: Duration::ZERO,
+            usage: None,
+            cost: 0.0,
+        }
+    }
+
+    /// Time the gateway itself spent, excluding waits on upstreams.
+    pub fn overhead(&self) -> Duration {
+        self.received.elapsed().saturating_sub(self.upstream_time)
+    }
+
+    /// Sets usage and its cost from the chosen deployment's prices.
+    pub fn set_usage(&mut self, usage: Usage) {
+        self.usage = Some(usage);
+        if let Some(deployment) = &self.deployment {
+            self.cost = deployment.prices.cost(usage);
+        }
+    }
+
+    /// The record post-call hooks receive, taken when the call ends.
+    pub fn record(&self, outcome: Outcome) -> CallRecord {
+        CallRecord {
+            call_id: self.id.clone(),
+            endpoint: self.endpoint,
+            key_alias: self.principal.as_ref().and_then(|p| p.alias.clone()),
+            team: self.principal.as_ref().and_then(|p| p.team.clone()),
+            model: self.model.clone(),
+            deployment: self.deployment.as_ref().map(|d| d.id.clone()),
+            stream: self.stream,
+            end_user: self.end_user.clone(),
+            metadata: self.metadata.clone(),
+            tags: self.tags.clone(),
+            usage: self.usage,
+            cost: self.cost,
+            latency: self.received.elapsed(),
+            attempts: self.attempts,
+            fallbacks: self.fallbacks,
+            started_at: self.received_at,
+            outcome,
+        }
+    }
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// The client got an error with this status.
+    Failure {
+        status: u16,
+        message: String,
+    },
+    /// The client went away before the end of its stream.
+    Cancelled,
+}
+
+/// A finished call, as post-call hooks see it.
+#[derive(Debug, Clone)]
+pub struct CallRecord {
+    pub call_id: String,
+    pub endpoint: Endpoint,
+    pub key_alias: Option<String>,
+    pub team: Option<String>,
+    pub model: String,
+    pub deployment: Option<String>,
+    pub stream: bool,
+    pub end_user: Option<String>,
+    pub metadata: JsonObject,
+    pub tags: Vec<String>,
+    pub usage: Option<Usage>,
+    pub cost: f64,
+    pub latency: Duration,
+    pub attempts: u32,
+    pub fallbacks: u32,
+    pub started_at: SystemTime,
+    pub outcome: Outcome,
+}

@@ -1,0 +1,460 @@
+//! The YAML schema, loading and checking. **Unknown keys are errors**, and every error names the
+//! field it is about (`models[2].api_bsae: unknown field`), because a typo that is silently ignored
+//! is the most expensive kind of config bug.
+
+mod env;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::providers::ProviderKind;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    pub models: Vec<ModelConfig>,
+    #[serde(default)]
+    pub router: RouterConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub max_request_bytes: usize,
+    pub tls: Option<TlsConfig>,
+    /// How long in-flight requests and streams may take to finish after SIGTERM.
+    pub shutdown_drain_s: f64,
+    /// Post-call events waiting for hooks; beyond this they are dropped and counted.
+    pub post_call_queue: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:4000".into(),
+            max_request_bytes: 4 * 1024 * 1024,
+            tls: None,
+            shutdown_drain_s: 30.0,
+            post_call_queue: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// May call every model; the management routes will require it.
+    pub master_key: Option<String>,
+    pub keys: Vec<KeyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    pub key: String,
+    pub alias: Option<String>,
+    pub team: Option<String>,
+    /// Model groups this key may call; absent means all.
+    pub models: Option<Vec<String>>,
+}
+
+/// One deployment. Entries sharing `name` form a model group.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub name: String,
+    pub provider: ProviderKind,
+    /// The upstream's model id; defaults to `name`.
+    pub model: Option<String>,
+    pub api_base: Option<String>,
+    pub api_key: Option<String>,
+    /// A stable id for headers and logs; defaults to `name` plus the entry's position.
+    pub id: Option<String>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub timeout_s: Option<f64>,
+    pub stream_idle_timeout_s: Option<f64>,
+    pub input_cost_per_token: Option<f64>,
+    pub output_cost_per_token: Option<f64>,
+    pub api_version: Option<String>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StrategyName {
+    #[default]
+    SimpleShuffle,
+    LeastBusy,
+    LatencyBased,
+    UsageBased,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterConfig {
+    pub strategy: StrategyName,
+    pub num_retries: u32,
+    pub timeout_s: f64,
+    pub stream_idle_timeout_s: f64,
+    pub fallbacks: BTreeMap<String, Vec<String>>,
+    pub allowed_fails: u32,
+    pub cooldown_s: f64,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            strategy: StrategyName::SimpleShuffle,
+            num_retries: 2,
+            timeout_s: 600.0,
+            stream_idle_timeout_s: 120.0,
+            fallbacks: BTreeMap::new(),
+            allowed_fails: 3,
+            cooldown_s: 30.0,
+        }
+    }
+}
+
+/// A config that could not be loaded, with the field it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Syntax(String),
+    /// `field` is a path like `models[2].api_base`.
+    #[error("{field}: {message}")]
+    Field { field: String, message: String },
+}
+
+impl ConfigError {
+    fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Field {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, expands `${VAR}`s from the process environment, parses and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and checks config text; `lookup` resolves `${VAR}`.
+    pub fn parse(
+        text: &str,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut value: serde_yaml::Value = serde_yaml::from_str(text)
+            .map_err(|e| ConfigError::Syntax(format!("the file is not valid YAML: {e}")))?;
+        env::expand(&mut value, lookup)?;
+        let config: Config = serde_path_to_error::deserialize(value).map_err(describe_error)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks what the schema alone cannot: references between sections, addresses, numbers.
+    fn check(&self) -> Result<(), ConfigError> {
+        self.server.listen.parse::<SocketAddr>().map_err(|e| {
+            ConfigError::field("server.listen", format!("not a socket address: {e}"))
+        })?;
+        if self.server.max_request_bytes == 0 {
+            return Err(ConfigError::field(
+                "server.max_request_bytes",
+                "must be positive",
+            ));
+        }
+        non_negative("server.shutdown_drain_s", self.server.shutdown_drain_s)?;
+        if self.models.is_empty() {
+            return Err(ConfigError::field(
+                "models",
+                "at least one model is required",
+            ));
+        }
+        let groups: HashSet<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
+        let mut ids = HashSet::new();
+        for (i, model) in self.models.iter().enumerate() {
+            model.check(&format!("models[{i}]"))?;
+            if !ids.insert(model.deployment_id(i)) {
+                return Err(ConfigError::field(
+                    format!("models[{i}].id"),
+                    format!("duplicate deployment id '{}'", model.deployment_id(i)),
+                ));
+            }
+        }
+        let mut keys = HashSet::new();
+        for (i, key) in self.auth.keys.iter().enumerate() {
+            let at = format!("auth.keys[{i}]");
+            if key.key.is_empty() {
+                return Err(ConfigError::field(format!("{at}.key"), "must not be empty"));
+            }
+            if !keys.insert(key.key.as_str()) || self.auth.master_key.as_deref() == Some(&key.key) {
+                return Err(ConfigError::field(format!("{at}.key"), "duplicate key"));
+            }
+            for (j, model) in key.models.iter().flatten().enumerate() {
+                if !groups.contains(model.as_str()) {
+                    return Err(ConfigError::field(
+                        format!("{at}.models[{j}]"),
+                        format!("no model named '{model}' in models"),
+                    ));
+                }
+            }
+        }
+        if self.auth.master_key.as_deref() == Some("") {
+            return Err(ConfigError::field("auth.master_key", "must not be empty"));
+        }
+        let router = &self.router;
+        positive("router.timeout_s", router.timeout_s)?;
+        positive("router.stream_idle_timeout_s", router.stream_idle_timeout_s)?;
+        non_negative("router.cooldown_s", router.cooldown_s)?;
+        for (group, fallbacks) in &router.fallbacks {
+            if !groups.contains(group.as_str()) {
+                return Err(ConfigError::field(
+                    format!("router.fallbacks.{group}"),
+                    format!("no model named '{group}' in models"),
+                ));
+            }
+            for (j, fallback) in fallbacks.iter().enumerate() {
+                if !groups.contains(fallback.as_str()) {
+                    return Err(ConfigError::field(
+                        format!("router.fallbacks.{group}[{j}]"),
+                        format!("no model named '{fallback}' in models"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ModelConfig {
+    /// The deployment's id as headers and logs show it.
+    pub fn deployment_id(&self, index: usize) -> String {
+        self.id
+            .clone()
+            .unwrap_or_else(|| format!("{}-{index}", self.name))
+    }
+
+    fn check(&self, at: &str) -> Result<(), ConfigError> {
+        if self.name.is_empty() {
+            return Err(ConfigError::field(
+                format!("{at}.name"),
+                "must not be empty",
+            ));
+        }
+        let needs_base = matches!(
+            self.provider,
+            ProviderKind::OpenaiCompatible | ProviderKind::Azure
+        );
+        if needs_base && self.api_base.is_none() {
+            return Err(ConfigError::field(
+                format!("{at}.api_base"),
+                "required for this provider",
+            ));
+        }
+        if let Some(base) = &self.api_base {
+            if !(base.starts_with("http://") || base.starts_with("https://")) {
+                return Err(ConfigError::field(
+                    format!("{at}.api_base"),
+                    "must start with http:// or https://",
+                ));
+            }
+            base.parse::<http::Uri>().map_err(|e| {
+                ConfigError::field(format!("{at}.api_base"), format!("not a URL: {e}"))
+            })?;
+        }
+        if self.provider == ProviderKind::Azure && self.api_version.is_none() {
+            return Err(ConfigError::field(
+                format!("{at}.api_version"),
+                "required for azure deployments",
+            ));
+        }
+        if self.weight == 0 {
+            return Err(ConfigError::field(
+                format!("{at}.weight"),
+                "must be at least 1",
+            ));
+        }
+        for (field, value) in [
+            ("timeout_s", self.timeout_s),
+            ("stream_idle_timeout_s", self.stream_idle_timeout_s),
+        ] {
+            if let Some(v) = value {
+                positive(&format!("{at}.{field}"), v)?;
+            }
+        }
+        for (field, value) in [
+            ("input_cost_per_token", self.input_cost_per_token),
+            ("output_cost_per_token", self.output_cost_per_token),
+        ] {
+            if let Some(v) = value {
+                non_negative(&format!("{at}.{field}"), v)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn positive(field: &str, value: f64) -> Result<(), ConfigError> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(ConfigError::field(field, "must be a positive number"))
+    }
+}
+
+fn non_negative(field: &str, value: f64) -> Result<(), ConfigError> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(())
+    } else {
+        Err(ConfigError::field(field, "must be zero or more"))
+    }
+}
+
+/// Turns serde's error into `path: message`, moving an unknown field's name into the path.
+fn describe_error(err: serde_path_to_error::Error<serde_yaml::Error>) -> ConfigError {
+    let path = err.path().to_string();
+    let message = err.inner().to_string();
+    // serde reports the struct's path and "unknown field `x`, expected ...".
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        if let Some((name, expected)) = rest.split_once('`') {
+            // serde_path_to_error already ends the path with the unknown key.
+            let field = if path.ends_with(name) {
+                path
+            } else if path == "." {
+                name.to_owned()
+            } else {
+                format!("{path}.{name}")
+            };
+            let expected = expected.trim_start_matches(", ");
+            return ConfigError::field(field, format!("unknown field ({expected})"));
+        }
+    }
+    if path == "." {
+        // serde names a missing top-level field in its message.
+        return ConfigError::Syntax(message);
+    }
+    ConfigError::field(path, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, &|name| (name == "SET").then(|| "value".to_owned()))
+    }
+
+    const MINIMAL: &str = "models:\n  - { name: m, provider: mock }\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = parse(MINIMAL).expect("valid");
+        assert_eq!(config.server.listen, "127.0.0.1:4000");
+        assert_eq!(config.server.max_request_bytes, 4_194_304);
+        assert_eq!(config.router.num_retries, 2);
+        assert_eq!(config.models[0].weight, 1);
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_path() {
+        let text = "models:\n  - { name: a, provider: mock }\n  - { name: b, provider: mock }\n  - { name: c, provider: openai, api_bsae: x }\n";
+        let err = parse(text).expect_err("typo").to_string();
+        assert!(
+            err.starts_with("models[2].api_bsae: unknown field"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_top_level_section_is_an_error() {
+        let err = parse(&format!("{MINIMAL}routr: {{}}\n"))
+            .expect_err("typo")
+            .to_string();
+        assert!(err.starts_with("routr: unknown field"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_field() {
+        let err = parse(&format!("{MINIMAL}router: {{ num_retries: lots }}\n"))
+            .expect_err("bad type")
+            .to_string();
+        assert!(err.starts_with("router.num_retries:"), "{err}");
+    }
+
+    #[test]
+    fn references_are_checked() {
+        let err = parse(&format!(
+            "{MINIMAL}router: {{ fallbacks: {{ m: [nope] }} }}\n"
+        ))
+        .expect_err("bad fallback")
+        .to_string();
+        assert!(err.starts_with("router.fallbacks.m[0]:"), "{err}");
+        let err = parse(&format!(
+            "{MINIMAL}auth: {{ keys: [ {{ key: k, models: [x] }} ] }}\n"
+        ))
+        .expect_err("bad key model")
+        .to_string();
+        assert!(err.starts_with("auth.keys[0].models[0]:"), "{err}");
+    }
+
+    #[test]
+    fn azure_needs_api_version_and_base() {
+        let err = parse("models:\n  - { name: a, provider: azure, api_base: 'https://x' }\n")
+            .expect_err("no version")
+            .to_string();
+        assert!(err.starts_with("models[0].api_version:"), "{err}");
+    }
+
+    #[test]
+    fn env_vars_expand_and_missing_ones_are_errors() {
+        let config = parse("models:\n  - { name: m, provider: mock, api_key: 'k-${SET}' }\n")
+            .expect("valid");
+        assert_eq!(config.models[0].api_key.as_deref(), Some("k-value"));
+        let err = parse("models:\n  - { name: m, provider: mock, api_key: '${UNSET}' }\n")
+            .expect_err("unset")
+            .to_string();
+        assert_eq!(
+            err,
+            "models[0].api_key: environment variable UNSET is not set"
+        );
+    }
+
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/portcullis.yaml");
+        let text = std::fs::read_to_string(path).expect("example config exists");
+        Config::parse(&text, &|_| None).expect("example config serves with no secrets");
+    }
+}

@@ -1,0 +1,15 @@
+//! Portcullis: an OpenAI-compatible LLM gateway. See `ARCHITECTURE.md` for the map.
+
+pub mod call;
+pub mod config;
+pub mod cost;
+pub mod error;
+pub mod extension;
+pub mod generation;
+pub mod openai;
+pub mod pipeline;
+pub mod providers;
+pub mod router;
+pub mod server;
+pub mod sse;
+pub mod tokens;

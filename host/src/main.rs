@@ -1,0 +1,124 @@
+//! The `portcullis` command: `portcullis --config PATH` serves, `portcullis check --config PATH`
+//! validates. The only place that uses `anyhow`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use portcullis::config::Config;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "An OpenAI-compatible LLM gateway"
+)]
+struct Cli {
+    /// The YAML configuration to serve.
+    #[arg(long, short, global = true, default_value = "config/portcullis.yaml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the configuration (the default).
+    Serve,
+    /// Check the configuration and exit: non-zero, naming the bad field, if it is invalid.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Check => match Config::load(&cli.config) {
+            Ok(config) => {
+                println!(
+                    "{}: ok ({} deployments in {} model groups)",
+                    cli.config.display(),
+                    config.models.len(),
+                    config
+                        .models
+                        .iter()
+                        .map(|m| m.name.as_str())
+                        .collect::<std::collections::HashSet<_>>()
+                        .len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", cli.config.display());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve => match serve(cli.config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("portcullis: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn serve(path: PathBuf) -> anyhow::Result<()> {
+    init_logging();
+    let config = Config::load(&path).with_context(|| format!("{}", path.display()))?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(portcullis::server::serve(
+        config,
+        shutdown_signal(),
+        |address| {
+            eprintln!("portcullis listening on http://{address}");
+        },
+    ))?;
+    Ok(())
+}
+
+/// `PORTCULLIS_LOG` takes `tracing` filter directives (default `info`);
+/// `PORTCULLIS_LOG_FORMAT=json` writes one JSON object per line.
+fn init_logging() {
+    let filter =
+        EnvFilter::try_from_env("PORTCULLIS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if std::env::var("PORTCULLIS_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {},
+                    _ = terminate.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

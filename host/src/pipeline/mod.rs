@@ -1,0 +1,118 @@
+//! The fixed pipeline every API call goes through, in this order:
+//!
+//! authenticate → validate → enrich → guardrails (pre-call) → route → respond → post-call
+//!
+//! Each stage is a module named after it; [`handle`] calls them in order and is the only place the
+//! order is written down. Any stage may end the call with a [`GatewayError`], which becomes an
+//! OpenAI-style error response.
+
+pub mod authenticate;
+pub mod enrich;
+pub mod guardrails;
+pub mod post_call;
+pub mod respond;
+pub mod route;
+pub mod validate;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, Response, StatusCode};
+use http_body::Body;
+use serde_json::json;
+use tracing::Instrument;
+
+use crate::call::{Call, Outcome};
+use crate::error::GatewayError;
+use crate::generation::Generation;
+use crate::providers::Endpoint;
+use respond::ResponseBody;
+
+/// Runs one API call through every stage and always returns a response.
+pub async fn handle<B>(
+    generation: Arc<Generation>,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: B,
+) -> Response<ResponseBody>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let mut call = Call::new(endpoint);
+    let span = tracing::info_span!("call", call_id = %call.id, endpoint = endpoint.path());
+    async move {
+        match run(&generation, &mut call, &headers, body).await {
+            Ok((routed, include_usage)) => {
+                respond::respond(generation, call, routed, include_usage)
+            }
+            Err(err) => {
+                let response = respond::error_response(&err, Some(&call.id));
+                if err.status().is_server_error() {
+                    tracing::warn!(status = err.status().as_u16(), error = %err, "call failed");
+                } else {
+                    tracing::debug!(status = err.status().as_u16(), error = %err, "call refused");
+                }
+                // Calls refused before a key was known are not anyone's calls to report.
+                if call.principal.is_some() {
+                    let outcome = Outcome::Failure {
+                        status: err.status().as_u16(),
+                        message: err.to_string(),
+                    };
+                    generation
+                        .post_call
+                        .submit(&generation.hooks, call.record(outcome));
+                }
+                response
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn run<B>(
+    generation: &Arc<Generation>,
+    call: &mut Call,
+    headers: &HeaderMap,
+    body: B,
+) -> Result<(route::Routed, bool), GatewayError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let principal = authenticate::authenticate(&generation.keys, headers)?;
+    call.principal = Some(Arc::clone(&principal));
+    let limit = generation.config.server.max_request_bytes;
+    let bytes = validate::read_body(headers, body, limit).await?;
+    let mut request = validate::validate(call.endpoint, &bytes)?;
+    drop(bytes);
+    enrich::enrich(generation, call, &request).await?;
+    authenticate::authorize_model(
+        &principal,
+        &call.model,
+        generation.router.has_group(&call.model),
+    )?;
+    guardrails::pre_call(generation, call, &mut request).await?;
+    let routed = route::route(generation, call, &request).await?;
+    Ok((routed, request.include_usage))
+}
+
+/// `GET /v1/models`: the model groups the caller's key may use, in OpenAI's list shape.
+pub fn list_models(generation: &Generation, headers: &HeaderMap) -> Response<ResponseBody> {
+    let principal = match authenticate::authenticate(&generation.keys, headers) {
+        Ok(p) => p,
+        Err(err) => return respond::error_response(&err, None),
+    };
+    let data: Vec<_> = generation
+        .router
+        .group_names()
+        .iter()
+        .filter(|name| principal.may_use(name))
+        .map(
+            |name| json!({ "id": name, "object": "model", "created": 0, "owned_by": "portcullis" }),
+        )
+        .collect();
+    let body = json!({ "object": "list", "data": data }).to_string();
+    respond::json_response(StatusCode::OK, Bytes::from(body))
+}

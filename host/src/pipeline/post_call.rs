@@ -1,0 +1,153 @@
+//! Stage 7: post-call hooks, run by one worker off the request path.
+//!
+//! **Post-call work never delays a response; when its queue is full, events are dropped and
+//! counted.**
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::call::{CallRecord, Outcome};
+use crate::extension::CallHook;
+
+type Hooks = Arc<[Arc<dyn CallHook>]>;
+
+/// The handle stages use to hand finished calls to the hooks; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct PostCallQueue {
+    sender: mpsc::Sender<(Hooks, CallRecord)>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl PostCallQueue {
+    /// Starts the worker on the current tokio runtime.
+    pub fn start(capacity: usize) -> PostCallQueue {
+        let (sender, mut receiver) = mpsc::channel::<(Hooks, CallRecord)>(capacity.max(1));
+        tokio::spawn(async move {
+            while let Some((hooks, record)) = receiver.recv().await {
+                run_hooks(&hooks, &record);
+            }
+        });
+        PostCallQueue {
+            sender,
+            dropped: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Queues a finished call without waiting.
+    pub fn submit(&self, hooks: &Hooks, record: CallRecord) {
+        if hooks.is_empty() {
+            return;
+        }
+        if self.sender.try_send((Arc::clone(hooks), record)).is_err() {
+            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            // Say so now and then, not once per event, so a flood does not become a log flood.
+            if dropped.is_power_of_two() {
+                tracing::warn!(dropped, "post-call queue full: events dropped");
+            }
+        }
+    }
+
+    /// Events dropped because the queue was full, since start.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+fn run_hooks(hooks: &Hooks, record: &CallRecord) {
+    for hook in hooks.iter() {
+        // One hook's bug must not stop the worker, or every later event would be lost.
+        let ran = std::panic::catch_unwind(AssertUnwindSafe(|| match record.outcome {
+            Outcome::Success => hook.on_success(record),
+            _ => hook.on_failure(record),
+        }));
+        if ran.is_err() {
+            tracing::error!(hook = hook.name(), call_id = %record.call_id, "post-call hook panicked");
+        }
+    }
+}
+
+/// The built-in hook: one structured log line per call.
+#[derive(Debug)]
+pub struct LogHook;
+
+impl LogHook {
+    fn log(record: &CallRecord) {
+        let usage = record.usage.unwrap_or_default();
+        let (status, error) = match &record.outcome {
+            Outcome::Success => (200, None),
+            Outcome::Failure { status, message } => (*status, Some(message.as_str())),
+            Outcome::Cancelled => (499, Some("client went away")),
+        };
+        tracing::info!(
+            target: "portcullis::calls",
+            call_id = %record.call_id,
+            key = record.key_alias.as_deref().unwrap_or("-"),
+            model = %record.model,
+            deployment = record.deployment.as_deref().unwrap_or("-"),
+            stream = record.stream,
+            status,
+            error,
+            latency_ms = record.latency.as_millis() as u64,
+            prompt_tokens = usage.prompt_tokens,
+            completion_tokens = usage.completion_tokens,
+            cost_usd = record.cost,
+            attempts = record.attempts,
+            fallbacks = record.fallbacks,
+            "call finished"
+        );
+    }
+}
+
+impl CallHook for LogHook {
+    fn name(&self) -> &str {
+        "log"
+    }
+
+    fn on_success(&self, record: &CallRecord) {
+        LogHook::log(record);
+    }
+
+    fn on_failure(&self, record: &CallRecord) {
+        LogHook::log(record);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::call::Call;
+    use crate::providers::Endpoint;
+    use std::sync::Mutex;
+
+    #[derive(Debug, Default)]
+    struct Counting(Mutex<Vec<String>>);
+
+    impl CallHook for Counting {
+        fn name(&self) -> &str {
+            "counting"
+        }
+        fn on_success(&self, record: &CallRecord) {
+            self.0.lock().expect("lock").push(record.call_id.clone());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        let queue = PostCallQueue::start(1);
+        let counting = Arc::new(Counting::default());
+        let hooks: Hooks = Arc::new([counting.clone() as Arc<dyn CallHook>]);
+        // The worker has not run yet (no await), so only one event fits.
+        for _ in 0..5 {
+            queue.submit(
+                &hooks,
+                Call::new(Endpoint::ChatCompletions).record(Outcome::Success),
+            );
+        }
+        assert_eq!(queue.dropped(), 4);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(counting.0.lock().expect("lock").len(), 1);
+    }
+}

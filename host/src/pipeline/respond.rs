@@ -1,0 +1,255 @@
+//! Stage 6: shape the upstream's answer for the client: the client's model name, usage and cost,
+//! the `x-portcullis-*` headers, and SSE framing for streams.
+//!
+//! **The client's model name comes back unchanged**, whatever deployment answered.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{stream, StreamExt};
+use http::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use http::{Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
+use serde_json::Value;
+
+use crate::call::{Call, Outcome};
+use crate::error::GatewayError;
+use crate::generation::Generation;
+use crate::pipeline::route::{Answer, Routed};
+use crate::providers::{ChunkStream, JsonObject, Usage};
+use crate::router::{Deployment, InFlight};
+use crate::sse;
+
+/// Every response body the gateway sends.
+pub type ResponseBody = UnsyncBoxBody<Bytes, Infallible>;
+
+pub fn full_body(bytes: Bytes) -> ResponseBody {
+    Full::new(bytes).boxed_unsync()
+}
+
+/// A JSON response with the given status.
+pub fn json_response(status: StatusCode, body: Bytes) -> Response<ResponseBody> {
+    let mut response = Response::new(full_body(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// The OpenAI error body for `err`, with its status and retry headers.
+pub fn error_response(err: &GatewayError, call_id: Option<&str>) -> Response<ResponseBody> {
+    let mut response = json_response(err.status(), err.body());
+    let headers = response.headers_mut();
+    for (name, value) in err.retry_headers() {
+        headers.insert(name, value);
+    }
+    if let Some(id) = call_id.and_then(|id| HeaderValue::from_str(id).ok()) {
+        headers.insert(CALL_ID, id);
+    }
+    response
+}
+
+const CALL_ID: HeaderName = HeaderName::from_static("x-portcullis-call-id");
+
+/// Builds the client's response from the upstream's answer.
+pub fn respond(
+    generation: Arc<Generation>,
+    mut call: Call,
+    routed: Routed,
+    include_usage: bool,
+) -> Response<ResponseBody> {
+    let Routed {
+        deployment,
+        in_flight,
+        answer,
+    } = routed;
+    match answer {
+        Answer::Whole(mut object) => {
+            if let Some(usage) = Usage::from_object(&object) {
+                call.set_usage(usage);
+                deployment.record_tokens(usage.total_tokens);
+            }
+            set_model(&mut object, &call.requested_model);
+            let body = match serde_json::to_vec(&object) {
+                Ok(bytes) => Bytes::from(bytes),
+                Err(e) => {
+                    let err = GatewayError::Internal(format!("cannot encode the response: {e}"));
+                    return error_response(&err, Some(&call.id));
+                }
+            };
+            let mut response = json_response(StatusCode::OK, body);
+            add_headers(&mut response, &call, &deployment, Some(call.cost));
+            drop(in_flight);
+            let record = call.record(Outcome::Success);
+            generation.post_call.submit(&generation.hooks, record);
+            response
+        }
+        Answer::Stream { first, rest } => {
+            let mut response = Response::new(full_body(Bytes::new()));
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            // Cost is known only at the end of a stream; post-call hooks receive it.
+            add_headers(&mut response, &call, &deployment, None);
+            let end = StreamEnd {
+                generation,
+                call,
+                deployment,
+                in_flight,
+            };
+            let body = StreamBody::new(client_stream(end, first, rest, include_usage));
+            *response.body_mut() = BodyExt::boxed_unsync(body);
+            response
+        }
+    }
+}
+
+fn set_model(object: &mut JsonObject, model: &str) {
+    object.insert("model".into(), Value::String(model.to_owned()));
+}
+
+fn add_headers(
+    response: &mut Response<ResponseBody>,
+    call: &Call,
+    deployment: &Deployment,
+    cost: Option<f64>,
+) {
+    let headers = response.headers_mut();
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(HeaderName::from_static(name), value);
+        }
+    };
+    put("x-portcullis-call-id", call.id.clone());
+    put("x-portcullis-model-id", deployment.id.clone());
+    put("x-portcullis-model-group", deployment.group.clone());
+    put(
+        "x-portcullis-api-base",
+        deployment.upstream.api_base.clone(),
+    );
+    if let Some(cost) = cost {
+        put("x-portcullis-response-cost", format!("{cost:.10}"));
+    }
+    put(
+        "x-portcullis-response-duration-ms",
+        format!("{:.3}", call.received.elapsed().as_secs_f64() * 1000.0),
+    );
+    put(
+        "x-portcullis-overhead-duration-ms",
+        format!("{:.3}", call.overhead().as_secs_f64() * 1000.0),
+    );
+    put(
+        "x-portcullis-attempted-retries",
+        call.attempts.saturating_sub(1).to_string(),
+    );
+    put(
+        "x-portcullis-attempted-fallbacks",
+        call.fallbacks.to_string(),
+    );
+}
+
+/// The stream the client reads: chunks re-labelled with the client's model, usage taken on the
+/// way (and hidden unless asked for), `[DONE]` at the end, an error event if the upstream breaks.
+fn client_stream(
+    end: StreamEnd,
+    first: JsonObject,
+    rest: ChunkStream,
+    include_usage: bool,
+) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send {
+    let state = StreamState {
+        pending_first: Some(first),
+        rest,
+        include_usage,
+        end: Some(end),
+    };
+    stream::unfold(state, |mut state| async move {
+        loop {
+            let end = state.end.as_mut()?;
+            let next = match state.pending_first.take() {
+                Some(first) => Some(Ok(first)),
+                None => state.rest.next().await,
+            };
+            match next {
+                Some(Ok(mut chunk)) => {
+                    if let Some(usage) = Usage::from_object(&chunk) {
+                        end.call.set_usage(usage);
+                    }
+                    if !state.include_usage {
+                        let usage_only = chunk
+                            .get("choices")
+                            .and_then(Value::as_array)
+                            .is_some_and(Vec::is_empty);
+                        if usage_only && chunk.contains_key("usage") {
+                            continue;
+                        }
+                        chunk.remove("usage");
+                    }
+                    set_model(&mut chunk, &end.call.requested_model);
+                    let Ok(json) = serde_json::to_vec(&chunk) else {
+                        continue;
+                    };
+                    return Some((Ok(Frame::data(sse::encode_data(&json))), state));
+                }
+                Some(Err(err)) => {
+                    let err = GatewayError::from(err);
+                    tracing::warn!(call_id = %end.call.id, error = %err, "upstream stream failed");
+                    let frame = sse::encode_data(err.to_json().to_string().as_bytes());
+                    if let Some(end) = state.end.take() {
+                        end.finish(Outcome::Failure {
+                            status: err.status().as_u16(),
+                            message: err.to_string(),
+                        });
+                    }
+                    return Some((Ok(Frame::data(frame)), state));
+                }
+                None => {
+                    if let Some(end) = state.end.take() {
+                        end.finish(Outcome::Success);
+                    }
+                    return Some((Ok(Frame::data(Bytes::from_static(sse::DONE))), state));
+                }
+            }
+        }
+    })
+}
+
+struct StreamState {
+    pending_first: Option<JsonObject>,
+    rest: ChunkStream,
+    include_usage: bool,
+    /// Taken when the stream ends; still here on drop means the client went away.
+    end: Option<StreamEnd>,
+}
+
+struct StreamEnd {
+    generation: Arc<Generation>,
+    call: Call,
+    deployment: Arc<Deployment>,
+    in_flight: InFlight,
+}
+
+impl StreamEnd {
+    fn finish(self, outcome: Outcome) {
+        if let Some(usage) = self.call.usage {
+            self.deployment.record_tokens(usage.total_tokens);
+        }
+        drop(self.in_flight);
+        let record = self.call.record(outcome);
+        self.generation
+            .post_call
+            .submit(&self.generation.hooks, record);
+    }
+}
+
+impl Drop for StreamState {
+    fn drop(&mut self) {
+        // Dropping the upstream stream here closes its connection: the upstream stops generating.
+        if let Some(end) = self.end.take() {
+            tracing::info!(call_id = %end.call.id, "client went away mid-stream");
+            end.finish(Outcome::Cancelled);
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! The pooled HTTPS client and the one function that calls an upstream in any dialect.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream;
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::{Method, Request, Response};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+use super::{
+    anthropic, azure, mock, openai, ChunkStream, Decoded, Endpoint, JsonObject, ProviderError,
+    ProviderKind, Reply, StreamDecoder, Upstream,
+};
+use crate::sse::SseParser;
+
+/// Large enough for a big batch of embeddings, small enough that a broken upstream cannot exhaust
+/// memory.
+const MAX_UPSTREAM_BODY: usize = 256 * 1024 * 1024;
+/// Error bodies are only ever shown as a message.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// Calls upstreams over pooled HTTP/1.1 and HTTP/2 connections; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct UpstreamClient {
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+impl UpstreamClient {
+    /// Trusts the platform's roots, or the bundled webpki roots where the platform has none.
+    pub fn new() -> UpstreamClient {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let builder = match builder.with_native_roots() {
+            Ok(native) => native,
+            Err(_) => hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots(),
+        };
+        let https = builder
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let http = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https);
+        UpstreamClient { http }
+    }
+
+    /// Sends one call to one deployment. For streams, returns once the response head arrived.
+    pub async fn send(
+        &self,
+        upstream: &Upstream,
+        endpoint: Endpoint,
+        body: &JsonObject,
+        stream: bool,
+    ) -> Result<Reply, ProviderError> {
+        if upstream.kind == ProviderKind::Mock {
+            return mock::reply(upstream, endpoint, body, stream);
+        }
+        let request = build_request(upstream, endpoint, body, stream)?;
+        let deadline = tokio::time::Instant::now() + upstream.timeout;
+        let response = tokio::time::timeout_at(deadline, self.http.request(request))
+            .await
+            .map_err(|_| timed_out(upstream))?
+            .map_err(|e| describe_client_error(upstream, &e))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(error_from_response(response).await);
+        }
+        if stream {
+            let decoder: Box<dyn StreamDecoder> = match upstream.kind {
+                ProviderKind::Anthropic => Box::new(anthropic::MessagesStream::new()),
+                _ => Box::new(openai::ChunkDecoder),
+            };
+            return Ok(Reply::Stream(chunk_stream(
+                response.into_body(),
+                decoder,
+                upstream.stream_idle_timeout,
+            )));
+        }
+        let bytes = tokio::time::timeout_at(
+            deadline,
+            Limited::new(response.into_body(), MAX_UPSTREAM_BODY).collect(),
+        )
+        .await
+        .map_err(|_| timed_out(upstream))?
+        .map_err(|e| ProviderError::Protocol(format!("reading the upstream response failed: {e}")))?
+        .to_bytes();
+        let object: JsonObject = serde_json::from_slice(&bytes).map_err(|e| {
+            ProviderError::Protocol(format!("the upstream response is not a JSON object: {e}"))
+        })?;
+        match upstream.kind {
+            ProviderKind::Anthropic => anthropic::chat_completion(object).map(Reply::Whole),
+            _ => Ok(Reply::Whole(object)),
+        }
+    }
+}
+
+impl Default for UpstreamClient {
+    fn default() -> Self {
+        UpstreamClient::new()
+    }
+}
+
+fn build_request(
+    upstream: &Upstream,
+    endpoint: Endpoint,
+    body: &JsonObject,
+    stream: bool,
+) -> Result<Request<Full<Bytes>>, ProviderError> {
+    let key = upstream.api_key.as_ref().map(|k| k.expose());
+    let (url, bytes, auth): (String, Vec<u8>, Vec<(HeaderName, String)>) = match upstream.kind {
+        ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::Mock => (
+            openai::url(upstream, endpoint),
+            openai::body(upstream, body, stream)?,
+            key.map(|k| vec![(AUTHORIZATION, format!("Bearer {k}"))])
+                .unwrap_or_default(),
+        ),
+        ProviderKind::Azure => (
+            azure::url(upstream, endpoint),
+            openai::body(upstream, body, stream)?,
+            key.map(|k| vec![(HeaderName::from_static("api-key"), k.to_owned())])
+                .unwrap_or_default(),
+        ),
+        ProviderKind::Anthropic => {
+            if endpoint != Endpoint::ChatCompletions {
+                return Err(ProviderError::Unsupported(format!(
+                    "Anthropic models do not support /v1/{}",
+                    endpoint.path()
+                )));
+            }
+            let messages = anthropic::messages_body(body, &upstream.model, stream)?;
+            let bytes = serde_json::to_vec(&messages).map_err(|e| {
+                ProviderError::Protocol(format!("cannot encode the upstream request: {e}"))
+            })?;
+            let version = upstream
+                .api_version
+                .clone()
+                .unwrap_or_else(|| anthropic::DEFAULT_VERSION.to_owned());
+            let mut headers = vec![(HeaderName::from_static("anthropic-version"), version)];
+            if let Some(k) = key {
+                headers.push((HeaderName::from_static("x-api-key"), k.to_owned()));
+            }
+            (anthropic_url(&upstream.api_base), bytes, headers)
+        }
+    };
+    let mut request = Request::builder()
+        .method(Method::POST)
+        .uri(&url)
+        .header(CONTENT_TYPE, "application/json");
+    for (name, value) in auth {
+        // Never echo the value: it is a secret.
+        let value = HeaderValue::from_str(&value).map_err(|_| {
+            ProviderError::Connect(format!(
+                "the configured credential for {name} is not a valid header value"
+            ))
+        })?;
+        request = request.header(name, value);
+    }
+    request
+        .body(Full::new(Bytes::from(bytes)))
+        .map_err(|e| ProviderError::Connect(format!("invalid upstream URL {url}: {e}")))
+}
+
+/// Accepts both `https://api.anthropic.com` and `https://api.anthropic.com/v1` as the base.
+fn anthropic_url(base: &str) -> String {
+    match base.strip_suffix("/v1") {
+        Some(root) => format!("{root}/v1/messages"),
+        None => format!("{base}/v1/messages"),
+    }
+}
+
+fn timed_out(upstream: &Upstream) -> ProviderError {
+    ProviderError::Timeout(format!(
+        "the upstream {} did not answer within {:.1}s",
+        upstream.api_base,
+        upstream.timeout.as_secs_f64()
+    ))
+}
+
+fn describe_client_error(
+    upstream: &Upstream,
+    err: &hyper_util::client::legacy::Error,
+) -> ProviderError {
+    let mut cause = String::new();
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        cause = s.to_string();
+        source = s.source();
+    }
+    if err.is_connect() {
+        ProviderError::Connect(format!(
+            "cannot connect to the upstream {}: {cause}",
+            upstream.api_base
+        ))
+    } else {
+        ProviderError::Connect(format!(
+            "the upstream {} connection failed: {err} {cause}",
+            upstream.api_base
+        ))
+    }
+}
+
+async fn error_from_response(response: Response<Incoming>) -> ProviderError {
+    let status = response.status();
+    let retry_after_s = retry_after(response.headers());
+    let body = match Limited::new(response.into_body(), MAX_ERROR_BODY)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    let message = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(object)) => object
+            .get("error")
+            .map(error_message_of)
+            .or_else(|| {
+                object
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| truncated(&body)),
+        _ => truncated(&body),
+    };
+    let message = if message.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        message
+    };
+    ProviderError::Status {
+        status,
+        message,
+        retry_after_s,
+    }
+}
+
+/// The message of an error object in either dialect (`{"message": ..}`), or the value as text.
+pub(super) fn error_message_of(error: &Value) -> String {
+    match error {
+        Value::String(s) => s.clone(),
+        Value::Object(o) => o
+            .get("message")
+            .and_then(Value::as_str)
+            .map_or_else(|| error.to_string(), str::to_owned),
+        other => other.to_string(),
+    }
+}
+
+fn truncated(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    match text.char_indices().nth(500) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None => text.to_owned(),
+    }
+}
+
+fn retry_after(headers: &http::HeaderMap) -> Option<u64> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(ms) = header("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
+        return Some((ms / 1000.0).ceil().max(0.0) as u64);
+    }
+    header("retry-after").and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// Reads upstream body frames, cuts them into SSE events, and decodes those into chunks.
+fn chunk_stream(body: Incoming, decoder: Box<dyn StreamDecoder>, idle: Duration) -> ChunkStream {
+    struct State {
+        body: Incoming,
+        parser: SseParser,
+        decoder: Box<dyn StreamDecoder>,
+        ready: VecDeque<Result<JsonObject, ProviderError>>,
+        finished: bool,
+        idle: Duration,
+    }
+
+    impl State {
+        fn take(&mut self, event: crate::sse::SseEvent) {
+            match self.decoder.decode(event) {
+                Ok(Decoded::Chunks(chunks)) => self.ready.extend(chunks.into_iter().map(Ok)),
+                Ok(Decoded::Done) => self.finished = true,
+                Err(e) => {
+                    self.ready.push_back(Err(e));
+                    self.finished = true;
+                }
+            }
+        }
+
+        fn fail(&mut self, err: ProviderError) {
+            self.ready.push_back(Err(err));
+            self.finished = true;
+        }
+    }
+
+    let state = State {
+        body,
+        parser: SseParser::new(),
+        decoder,
+        ready: VecDeque::new(),
+        finished: false,
+        idle,
+    };
+    Box::pin(stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(item) = s.ready.pop_front() {
+                return Some((item, s));
+            }
+            if s.finished {
+                return None;
+            }
+            match tokio::time::timeout(s.idle, s.body.frame()).await {
+                Err(_) => s.fail(ProviderError::Timeout(format!(
+                    "the upstream stream sent nothing for {:.1}s",
+                    s.idle.as_secs_f64()
+                ))),
+                Ok(None) => {
+                    // A clean end without a terminator: take what was sent.
+                    if let Some(event) = s.parser.finish() {
+                        s.take(event);
+                    }
+                    s.finished = true;
+                }
+                Ok(Some(Err(e))) => s.fail(ProviderError::Protocol(format!(
+                    "the upstream stream broke off: {e}"
+                ))),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        for event in s.parser.push(&data) {
+                            if !s.finished {
+                                s.take(event);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anthropic_base_with_or_without_version() {
+        assert_eq!(
+            anthropic_url("https://api.anthropic.com"),
+            "https://api.anthropic.com/v1/messages"
+        );
+        assert_eq!(anthropic_url("https://x/v1"), "https://x/v1/messages");
+    }
+
+    #[test]
+    fn retry_after_prefers_milliseconds() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("retry-after", HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&headers), Some(7));
+        headers.insert("retry-after-ms", HeaderValue::from_static("1500"));
+        assert_eq!(retry_after(&headers), Some(2));
+    }
+
+    #[test]
+    fn error_messages_from_either_dialect() {
+        let openai = serde_json::json!({"message": "bad", "type": "x"});
+        assert_eq!(error_message_of(&openai), "bad");
+        assert_eq!(error_message_of(&Value::String("plain".into())), "plain");
+        assert_eq!(truncated(&[b'a'; 600]).len(), 503);
+    }
+}

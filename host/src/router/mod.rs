@@ -1,0 +1,214 @@
+//! Model groups, their deployments, and the choice of a deployment for each attempt of a call.
+//!
+//! The retry and fallback loop lives in the pipeline's route stage; the router answers one question
+//! there: "which deployment of this group should the next attempt use?".
+
+mod deployment;
+pub mod strategy;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use deployment::{Deployment, InFlight};
+
+use crate::config::Config;
+use crate::cost::Prices;
+use crate::extension::{RouteRequest, RoutingStrategy};
+use crate::providers::{Secret, Upstream};
+
+/// Why no deployment could be picked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoDeployment {
+    #[error("no model named '{0}'")]
+    UnknownGroup(String),
+    #[error("every deployment of '{0}' is cooling down after failures or at its rate limit")]
+    NoneAvailable(String),
+}
+
+/// Retry, fallback and health settings.
+#[derive(Debug, Clone)]
+pub struct RouterSettings {
+    pub num_retries: u32,
+    pub fallbacks: HashMap<String, Vec<String>>,
+    pub allowed_fails: u32,
+    pub cooldown: Duration,
+}
+
+/// All model groups of one generation.
+#[derive(Debug)]
+pub struct Router {
+    groups: HashMap<String, Vec<Arc<Deployment>>>,
+    /// Group names in the order the config first mentions them, for `/v1/models`.
+    names: Vec<String>,
+    strategy: Arc<dyn RoutingStrategy>,
+    pub settings: RouterSettings,
+}
+
+impl Router {
+    pub fn from_config(config: &Config) -> Router {
+        let router = &config.router;
+        let mut groups: HashMap<String, Vec<Arc<Deployment>>> = HashMap::new();
+        let mut names = Vec::new();
+        for (index, model) in config.models.iter().enumerate() {
+            let upstream_model = model.model.clone().unwrap_or_else(|| model.name.clone());
+            let api_base = model
+                .api_base
+                .clone()
+                .or_else(|| model.provider.default_api_base().map(str::to_owned))
+                .unwrap_or_default();
+            let upstream = Upstream {
+                kind: model.provider,
+                model: upstream_model.clone(),
+                api_base: api_base.trim_end_matches('/').to_owned(),
+                api_key: model.api_key.clone().map(Secret::new),
+                api_version: model.api_version.clone(),
+                timeout: secs(model.timeout_s.unwrap_or(router.timeout_s)),
+                stream_idle_timeout: secs(
+                    model
+                        .stream_idle_timeout_s
+                        .unwrap_or(router.stream_idle_timeout_s),
+                ),
+            };
+            let prices = Prices::for_deployment(
+                &upstream_model,
+                model.input_cost_per_token,
+                model.output_cost_per_token,
+            );
+            let deployment = Deployment::new(
+                model.deployment_id(index),
+                model.name.clone(),
+                upstream,
+                model.weight,
+                model.rpm,
+                model.tpm,
+                prices,
+            );
+            if !groups.contains_key(&model.name) {
+                names.push(model.name.clone());
+            }
+            groups
+                .entry(model.name.clone())
+                .or_default()
+                .push(Arc::new(deployment));
+        }
+        Router {
+            groups,
+            names,
+            strategy: strategy::builtin(router.strategy),
+            settings: RouterSettings {
+                num_retries: router.num_retries,
+                fallbacks: router.fallbacks.clone().into_iter().collect(),
+                allowed_fails: router.allowed_fails,
+                cooldown: secs(router.cooldown_s),
+            },
+        }
+    }
+
+    pub fn has_group(&self, name: &str) -> bool {
+        self.groups.contains_key(name)
+    }
+
+    /// Group names in config order.
+    pub fn group_names(&self) -> &[String] {
+        &self.names
+    }
+
+    pub fn fallbacks(&self, group: &str) -> &[String] {
+        self.settings
+            .fallbacks
+            .get(group)
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Picks a deployment of `group` for the next attempt, preferring ones not yet `tried`.
+    pub fn pick(
+        &self,
+        request: &RouteRequest<'_>,
+        tried: &[Arc<Deployment>],
+    ) -> Result<Arc<Deployment>, NoDeployment> {
+        let deployments = self
+            .groups
+            .get(request.group)
+            .ok_or_else(|| NoDeployment::UnknownGroup(request.group.to_owned()))?;
+        let available: Vec<&Arc<Deployment>> = deployments
+            .iter()
+            .filter(|d| !d.is_cooling_down() && d.has_capacity())
+            .collect();
+        let untried: Vec<&Arc<Deployment>> = available
+            .iter()
+            .copied()
+            .filter(|d| !tried.iter().any(|t| Arc::ptr_eq(t, d)))
+            .collect();
+        // Retry a deployment already tried only when the group has no other left.
+        let pool = if untried.is_empty() {
+            available
+        } else {
+            untried
+        };
+        if pool.is_empty() {
+            return Err(NoDeployment::NoneAvailable(request.group.to_owned()));
+        }
+        if pool.len() == 1 {
+            return Ok(Arc::clone(pool[0]));
+        }
+        let candidates: Vec<_> = pool.iter().map(|d| d.candidate()).collect();
+        let index = self
+            .strategy
+            .choose(request, &candidates)
+            .filter(|&i| i < pool.len())
+            .or_else(|| strategy::weighted_shuffle(&candidates))
+            .unwrap_or(0);
+        Ok(Arc::clone(pool[index]))
+    }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router(yaml: &str) -> Router {
+        Router::from_config(&Config::parse(yaml, &|_| None).expect("valid config"))
+    }
+
+    const TWO: &str = "models:\n  - { name: g, provider: mock, id: a }\n  - { name: g, provider: mock, id: b }\n  - { name: h, provider: mock }\nrouter: { allowed_fails: 1, cooldown_s: 60 }\n";
+
+    fn request(group: &str) -> RouteRequest<'_> {
+        RouteRequest {
+            group,
+            estimated_tokens: 1,
+            stream: false,
+        }
+    }
+
+    #[test]
+    fn groups_keep_config_order_and_unknown_groups_are_errors() {
+        let r = router(TWO);
+        assert_eq!(r.group_names(), ["g", "h"]);
+        assert_eq!(
+            r.pick(&request("x"), &[]).map(|d| d.id.clone()),
+            Err(NoDeployment::UnknownGroup("x".into()))
+        );
+    }
+
+    #[test]
+    fn retries_prefer_untried_and_skip_cooling_deployments() {
+        let r = router(TWO);
+        let first = r.pick(&request("g"), &[]).expect("some");
+        let second = r.pick(&request("g"), &[Arc::clone(&first)]).expect("other");
+        assert_ne!(first.id, second.id);
+        first.record_failure(1, Duration::from_secs(60));
+        for _ in 0..20 {
+            assert_eq!(r.pick(&request("g"), &[]).expect("healthy").id, second.id);
+        }
+        second.record_failure(1, Duration::from_secs(60));
+        assert_eq!(
+            r.pick(&request("g"), &[]).map(|d| d.id.clone()),
+            Err(NoDeployment::NoneAvailable("g".into()))
+        );
+    }
+}
