@@ -185,7 +185,7 @@ fn client_stream(
                         if usage_only && chunk.contains_key("usage") {
                             continue;
                         }
-                        chunk.remove("usage");
+                        chunk.shift_remove("usage");
                     }
                     set_model(&mut chunk, &end.call.requested_model);
                     let Ok(json) = serde_json::to_vec(&chunk) else {

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::stream;
+use futures_util::{stream, StreamExt};
 use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
@@ -58,7 +58,28 @@ impl UpstreamClient {
     }
 
     /// Sends one call to one deployment. For streams, returns once the response head arrived.
+    /// **Upstream keys never leave the config**: errors are scrubbed of the deployment's key.
     pub async fn send(
+        &self,
+        upstream: &Upstream,
+        endpoint: Endpoint,
+        body: &JsonObject,
+        stream: bool,
+    ) -> Result<Reply, ProviderError> {
+        let secret = upstream.api_key.as_ref();
+        match self.send_unredacted(upstream, endpoint, body, stream).await {
+            Ok(Reply::Stream(chunks)) => {
+                let secret = secret.cloned();
+                Ok(Reply::Stream(Box::pin(chunks.map(move |item| {
+                    item.map_err(|e| e.redact(secret.as_ref()))
+                }))))
+            }
+            Ok(whole) => Ok(whole),
+            Err(e) => Err(e.redact(secret)),
+        }
+    }
+
+    async fn send_unredacted(
         &self,
         upstream: &Upstream,
         endpoint: Endpoint,

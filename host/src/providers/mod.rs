@@ -152,6 +152,33 @@ impl ProviderError {
         self.is_retryable()
     }
 
+    /// Removes `secret` from the message: some upstreams quote the credential they rejected.
+    pub(crate) fn redact(self, secret: Option<&Secret>) -> Self {
+        let Some(secret) = secret.map(Secret::expose).filter(|s| !s.is_empty()) else {
+            return self;
+        };
+        let scrub = |m: String| m.replace(secret, "[redacted]");
+        match self {
+            ProviderError::Status {
+                status,
+                message,
+                retry_after_s,
+            } => ProviderError::Status {
+                status,
+                message: scrub(message),
+                retry_after_s,
+            },
+            ProviderError::Timeout(m) => ProviderError::Timeout(scrub(m)),
+            ProviderError::Connect(m) => ProviderError::Connect(scrub(m)),
+            ProviderError::Protocol(m) => ProviderError::Protocol(scrub(m)),
+            ProviderError::Unsupported(m) => ProviderError::Unsupported(scrub(m)),
+            ProviderError::InvalidRequest { message, param } => ProviderError::InvalidRequest {
+                message: scrub(message),
+                param,
+            },
+        }
+    }
+
     pub(crate) fn invalid(message: impl Into<String>, param: impl Into<Option<String>>) -> Self {
         ProviderError::InvalidRequest {
             message: message.into(),
@@ -219,4 +246,24 @@ pub(crate) enum Decoded {
 /// Turns one dialect's SSE events into OpenAI chunk objects.
 pub(crate) trait StreamDecoder: Send + 'static {
     fn decode(&mut self, event: crate::sse::SseEvent) -> Result<Decoded, ProviderError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_removes_the_secret_from_messages() {
+        let err = ProviderError::Status {
+            status: StatusCode::UNAUTHORIZED,
+            message: "Incorrect API key provided: sk-live-123.".into(),
+            retry_after_s: None,
+        };
+        let secret = Secret::new("sk-live-123".into());
+        assert_eq!(
+            err.redact(Some(&secret)).to_string(),
+            "upstream returned 401 Unauthorized: Incorrect API key provided: [redacted]."
+        );
+        assert_eq!(format!("{secret:?}"), "Secret(..)");
+    }
 }
