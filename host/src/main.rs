@@ -35,7 +35,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Check => match Config::load(&cli.config) {
+        Command::Check => match check(&cli.config) {
             Ok(config) => {
                 println!(
                     "{}: ok ({} deployments in {} model groups)",
@@ -51,7 +51,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("{}: {e}", cli.config.display());
+                eprintln!("{}: {e:#}", cli.config.display());
                 ExitCode::FAILURE
             }
         },
@@ -65,10 +65,30 @@ fn main() -> ExitCode {
     }
 }
 
+fn check(path: &std::path::Path) -> anyhow::Result<Config> {
+    let config = Config::load(path)?;
+    if let Some(tls) = &config.server.tls {
+        install_crypto_provider();
+        portcullis::server::check_tls(tls)?;
+    }
+    Ok(config)
+}
+
+/// rustls needs one process-wide crypto provider; ring is the one compiled in.
+fn install_crypto_provider() {
+    // Fails only if one is installed already, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 fn serve(path: PathBuf) -> anyhow::Result<()> {
     init_logging();
     let config = Config::load(&path).with_context(|| format!("{}", path.display()))?;
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    install_crypto_provider();
+    let scheme = if config.server.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -77,7 +97,7 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
         config,
         shutdown_signal(),
         |address| {
-            eprintln!("portcullis listening on http://{address}");
+            eprintln!("portcullis listening on {scheme}://{address}");
         },
     ))?;
     Ok(())

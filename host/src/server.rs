@@ -172,6 +172,11 @@ async fn accept_tls(
     }
 }
 
+/// Reads the certificate and key as serving would, so `portcullis check` catches bad files.
+pub fn check_tls(tls: &TlsConfig) -> Result<(), ServerError> {
+    tls_acceptor(tls).map(drop)
+}
+
 fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, ServerError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert_file)
         .and_then(|certs| certs.collect())
@@ -216,6 +221,12 @@ async fn dispatch(shared: &Shared, request: Request<Incoming>) -> Response<Respo
         let generation = shared.generation.load_full();
         let (parts, body) = request.into_parts();
         return pipeline::handle(generation, endpoint, parts.headers, body).await;
+    }
+    if let Some(id) = route.strip_prefix("/models/") {
+        if method != Method::GET {
+            return method_not_allowed(&method, &route);
+        }
+        return pipeline::retrieve_model(&shared.generation.load(), request.headers(), id);
     }
     match route.as_str() {
         "/models" if method == Method::GET => {

@@ -109,10 +109,29 @@ pub fn list_models(generation: &Generation, headers: &HeaderMap) -> Response<Res
         .group_names()
         .iter()
         .filter(|name| principal.may_use(name))
-        .map(
-            |name| json!({ "id": name, "object": "model", "created": 0, "owned_by": "portcullis" }),
-        )
+        .map(|name| model_object(name))
         .collect();
     let body = json!({ "object": "list", "data": data }).to_string();
     respond::json_response(StatusCode::OK, Bytes::from(body))
+}
+
+/// `GET /v1/models/{id}`: one model, if the caller's key may use it.
+pub fn retrieve_model(
+    generation: &Generation,
+    headers: &HeaderMap,
+    id: &str,
+) -> Response<ResponseBody> {
+    let found = authenticate::authenticate(&generation.keys, headers).and_then(|principal| {
+        // A model the key may not use is reported as absent, as OpenAI does.
+        let visible = generation.router.has_group(id) && principal.may_use(id);
+        authenticate::authorize_model(&principal, id, visible)
+    });
+    match found {
+        Ok(()) => respond::json_response(StatusCode::OK, Bytes::from(model_object(id).to_string())),
+        Err(err) => respond::error_response(&err, None),
+    }
+}
+
+fn model_object(id: &str) -> serde_json::Value {
+    json!({ "id": id, "object": "model", "created": 0, "owned_by": "portcullis" })
 }

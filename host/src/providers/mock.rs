@@ -6,6 +6,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use base64::Engine as _;
 use futures_util::stream;
 use serde_json::{json, Value};
 
@@ -109,22 +110,30 @@ fn completion(model: &str, body: &JsonObject, stream: bool) -> Reply {
     into_stream(chunks)
 }
 
-/// Eight dimensions (or `dimensions`, up to 3072) per input, unit length, from the input's hash.
+/// Eight dimensions (or `dimensions`, up to 3072) per input, unit length, from the input's hash;
+/// as float arrays, or base64 of little-endian `f32`s when `encoding_format` is `base64`.
 fn embeddings(model: &str, body: &JsonObject) -> JsonObject {
-    let inputs: Vec<String> = match body.get("input") {
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(items)) => items.iter().map(|i| i.to_string()).collect(),
-        _ => Vec::new(),
-    };
+    let inputs = embedding_inputs(body.get("input"));
     let dimensions = body
         .get("dimensions")
         .and_then(Value::as_u64)
         .map_or(8, |d| d.clamp(1, 3072)) as usize;
+    let base64 = body.get("encoding_format").and_then(Value::as_str) == Some("base64");
     let data: Vec<Value> = inputs
         .iter()
         .enumerate()
         .map(|(i, input)| {
-            json!({ "object": "embedding", "index": i, "embedding": vector(input, dimensions) })
+            let vector = vector(input, dimensions);
+            let embedding = if base64 {
+                let bytes: Vec<u8> = vector
+                    .iter()
+                    .flat_map(|x| (*x as f32).to_le_bytes())
+                    .collect();
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(vector)
+            };
+            json!({ "object": "embedding", "index": i, "embedding": embedding })
         })
         .collect();
     let prompt_tokens: u64 = inputs.iter().map(|i| tokens::estimate(i)).sum();
@@ -132,6 +141,21 @@ fn embeddings(model: &str, body: &JsonObject) -> JsonObject {
         "object": "list", "data": data, "model": model,
         "usage": { "prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens },
     }))
+}
+
+/// The inputs as texts: a string, a list of strings, one list of token ids, or a list of those.
+fn embedding_inputs(input: Option<&Value>) -> Vec<String> {
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    match input {
+        Some(Value::String(s)) => vec![s.clone()],
+        // A flat list of token ids is one tokenized input.
+        Some(items @ Value::Array(list)) if list.iter().all(Value::is_number) => vec![text(items)],
+        Some(Value::Array(items)) => items.iter().map(text).collect(),
+        _ => Vec::new(),
+    }
 }
 
 fn vector(input: &str, dimensions: usize) -> Vec<f64> {
@@ -230,6 +254,31 @@ mod tests {
         assert_eq!(reply["usage"]["completion_tokens"], 2);
         // "first" (2) + "x" (1) + "say hi" (2)
         assert_eq!(reply["usage"]["prompt_tokens"], 5);
+    }
+
+    #[test]
+    fn embedding_inputs_do_not_depend_on_batching() {
+        let single = embeddings("e", &object(json!({"input": "beta"})));
+        let batch = embeddings("e", &object(json!({"input": ["alpha", "beta"]})));
+        assert_eq!(
+            single["data"][0]["embedding"],
+            batch["data"][1]["embedding"]
+        );
+        let tokens = embeddings("e", &object(json!({"input": [101, 2023, 102]})));
+        assert_eq!(tokens["data"].as_array().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn base64_embeddings_are_little_endian_f32() {
+        let reply = embeddings(
+            "e",
+            &object(json!({"input": "x", "encoding_format": "base64"})),
+        );
+        let encoded = reply["data"][0]["embedding"].as_str().expect("a string");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .expect("base64");
+        assert_eq!(bytes.len(), 8 * 4);
     }
 
     #[test]
