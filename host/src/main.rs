@@ -93,14 +93,14 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(portcullis::server::serve(
-        config,
-        shutdown_signal(),
-        |address| {
+    runtime.block_on(async {
+        let shutdown = shutdown_signal()?;
+        portcullis::server::serve(config, shutdown, |address| {
             eprintln!("portcullis listening on {scheme}://{address}");
-        },
-    ))?;
-    Ok(())
+        })
+        .await?;
+        anyhow::Ok(())
+    })
 }
 
 /// `PORTCULLIS_LOG` takes `tracing` filter directives (default `info`);
@@ -119,26 +119,25 @@ fn init_logging() {
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// Registers for SIGINT and SIGTERM now, so a signal that arrives before the server polls the
+/// returned future is not lost (and does not kill the process), and completes on either.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = interrupt => {},
-                    _ = terminate.recv() => {},
-                }
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {},
+                _ = terminate.recv() => {},
             }
-            Err(_) => {
-                let _ = interrupt.await;
-            }
-        }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = interrupt.await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }

@@ -96,6 +96,9 @@ pub async fn serve(
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
+            // Shutdown first: a busy listener must not starve the signal.
+            biased;
+            () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -105,7 +108,6 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = &mut shutdown => break,
         };
         let _ = tcp.set_nodelay(true);
         let service = {
@@ -215,7 +217,7 @@ async fn dispatch(shared: &Shared, request: Request<Incoming>) -> Response<Respo
     };
     if let Some(endpoint) = endpoint {
         if method != Method::POST {
-            return method_not_allowed(&method, &route);
+            return method_not_allowed(&method, &route, "POST");
         }
         // One generation for the whole request, held as an `Arc` across every await.
         let generation = shared.generation.load_full();
@@ -224,7 +226,7 @@ async fn dispatch(shared: &Shared, request: Request<Incoming>) -> Response<Respo
     }
     if let Some(id) = route.strip_prefix("/models/") {
         if method != Method::GET {
-            return method_not_allowed(&method, &route);
+            return method_not_allowed(&method, &route, "GET");
         }
         return pipeline::retrieve_model(&shared.generation.load(), request.headers(), id);
     }
@@ -250,7 +252,7 @@ async fn dispatch(shared: &Shared, request: Request<Incoming>) -> Response<Respo
             }
         }
         "/models" | "/health/liveliness" | "/health/liveness" | "/health/readiness" => {
-            method_not_allowed(&method, &route)
+            method_not_allowed(&method, &route, "GET")
         }
         _ => error_response(
             &GatewayError::RouteNotFound(format!("unknown route: {method} {path}")),
@@ -259,9 +261,13 @@ async fn dispatch(shared: &Shared, request: Request<Incoming>) -> Response<Respo
     }
 }
 
-fn method_not_allowed(method: &Method, route: &str) -> Response<ResponseBody> {
-    error_response(
-        &GatewayError::MethodNotAllowed(format!("{method} is not allowed on {route}")),
+fn method_not_allowed(method: &Method, route: &str, allow: &'static str) -> Response<ResponseBody> {
+    let mut response = error_response(
+        &GatewayError::MethodNotAllowed(format!("{method} is not allowed on {route}; use {allow}")),
         None,
-    )
+    );
+    response
+        .headers_mut()
+        .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+    response
 }

@@ -178,11 +178,13 @@ fn client_stream(
                         end.call.set_usage(usage);
                     }
                     if !state.include_usage {
-                        let usage_only = chunk
+                        // Only the usage chunk itself is hidden; Azure also opens streams with a
+                        // choice-less chunk (content filter results, `"usage": null`) that stays.
+                        let no_choices = chunk
                             .get("choices")
                             .and_then(Value::as_array)
                             .is_some_and(Vec::is_empty);
-                        if usage_only && chunk.contains_key("usage") {
+                        if no_choices && chunk.get("usage").is_some_and(Value::is_object) {
                             continue;
                         }
                         chunk.shift_remove("usage");

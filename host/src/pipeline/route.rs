@@ -71,8 +71,8 @@ pub async fn route(
         };
         let mut tried: Vec<Arc<Deployment>> = Vec::new();
         for retry in 0..=settings.num_retries {
-            let deployment = match router.pick(&route_request, &tried) {
-                Ok(d) => d,
+            let (deployment, in_flight) = match router.reserve(&route_request, &tried) {
+                Ok(reserved) => reserved,
                 Err(e @ NoDeployment::NoneAvailable(_)) => {
                     last_error.get_or_insert(GatewayError::Unavailable(e.to_string()));
                     break;
@@ -96,7 +96,6 @@ pub async fn route(
                 tokio::time::sleep(wait).await;
             }
             call.attempts += 1;
-            let in_flight = deployment.start_call();
             let started = Instant::now();
             let result = attempt(generation, &deployment, request).await;
             call.upstream_time += started.elapsed();

@@ -305,13 +305,18 @@ fn chunk_stream(body: Incoming, decoder: Box<dyn StreamDecoder>, idle: Duration)
         decoder: Box<dyn StreamDecoder>,
         ready: VecDeque<Result<JsonObject, ProviderError>>,
         finished: bool,
+        /// Whether a chunk carried a finish reason: then a missing terminator loses nothing.
+        saw_finish: bool,
         idle: Duration,
     }
 
     impl State {
         fn take(&mut self, event: crate::sse::SseEvent) {
             match self.decoder.decode(event) {
-                Ok(Decoded::Chunks(chunks)) => self.ready.extend(chunks.into_iter().map(Ok)),
+                Ok(Decoded::Chunks(chunks)) => {
+                    self.saw_finish |= chunks.iter().any(has_finish_reason);
+                    self.ready.extend(chunks.into_iter().map(Ok));
+                }
                 Ok(Decoded::Done) => self.finished = true,
                 Err(e) => {
                     self.ready.push_back(Err(e));
@@ -332,6 +337,7 @@ fn chunk_stream(body: Incoming, decoder: Box<dyn StreamDecoder>, idle: Duration)
         decoder,
         ready: VecDeque::new(),
         finished: false,
+        saw_finish: false,
         idle,
     };
     Box::pin(stream::unfold(state, |mut s| async move {
@@ -348,11 +354,18 @@ fn chunk_stream(body: Incoming, decoder: Box<dyn StreamDecoder>, idle: Duration)
                     s.idle.as_secs_f64()
                 ))),
                 Ok(None) => {
-                    // A clean end without a terminator: take what was sent.
                     if let Some(event) = s.parser.finish() {
                         s.take(event);
                     }
-                    s.finished = true;
+                    if s.finished || s.saw_finish {
+                        s.finished = true;
+                    } else {
+                        // Closed before saying it was done: the client must not mistake a
+                        // truncated answer for a whole one.
+                        s.fail(ProviderError::Protocol(
+                            "the upstream stream ended before the answer was complete".into(),
+                        ));
+                    }
                 }
                 Ok(Some(Err(e))) => s.fail(ProviderError::Protocol(format!(
                     "the upstream stream broke off: {e}"
@@ -369,6 +382,13 @@ fn chunk_stream(body: Incoming, decoder: Box<dyn StreamDecoder>, idle: Duration)
             }
         }
     }))
+}
+
+fn has_finish_reason(chunk: &JsonObject) -> bool {
+    chunk
+        .get("choices")
+        .and_then(Value::as_array)
+        .is_some_and(|choices| choices.iter().any(|c| !c["finish_reason"].is_null()))
 }
 
 #[cfg(test)]

@@ -128,13 +128,24 @@ impl Deployment {
         }
     }
 
-    /// Counts a call as started; the guard counts it as ended when dropped.
-    pub fn start_call(self: &Arc<Self>) -> InFlight {
-        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.with_window(|w| w.requests += 1);
-        InFlight {
-            deployment: Arc::clone(self),
-        }
+    /// Counts a call as started if the deployment is under its rpm/tpm caps, checking and
+    /// counting at once so concurrent calls cannot overshoot a cap. The guard counts the call
+    /// as ended when dropped.
+    pub fn try_start_call(self: &Arc<Self>) -> Option<InFlight> {
+        let admitted = self.with_window(|w| {
+            let fits = self.rpm.is_none_or(|cap| w.requests < cap)
+                && self.tpm.is_none_or(|cap| w.tokens < cap);
+            if fits {
+                w.requests += 1;
+            }
+            fits
+        });
+        admitted.then(|| {
+            self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+            InFlight {
+                deployment: Arc::clone(self),
+            }
+        })
     }
 
     pub fn record_latency(&self, latency: Duration) {
@@ -221,7 +232,7 @@ pub(crate) mod tests {
     #[test]
     fn in_flight_counts_until_the_guard_drops() {
         let d = deployment("a", None);
-        let guard = d.start_call();
+        let guard = d.try_start_call().expect("no cap");
         assert_eq!(d.candidate().in_flight, 1);
         drop(guard);
         assert_eq!(d.candidate().in_flight, 0);
@@ -231,10 +242,11 @@ pub(crate) mod tests {
     #[test]
     fn rpm_cap_stops_new_calls() {
         let d = deployment("a", Some(2));
-        let _a = d.start_call();
+        let _a = d.try_start_call().expect("under the cap");
         assert!(d.has_capacity());
-        let _b = d.start_call();
+        let _b = d.try_start_call().expect("at the cap");
         assert!(!d.has_capacity());
+        assert!(d.try_start_call().is_none());
     }
 
     #[test]

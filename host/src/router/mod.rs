@@ -121,11 +121,29 @@ impl Router {
             .map_or(&[], Vec::as_slice)
     }
 
-    /// Picks a deployment of `group` for the next attempt, preferring ones not yet `tried`.
-    pub fn pick(
+    /// Picks a deployment of `group` for the next attempt, preferring ones not yet `tried`, and
+    /// counts the attempt against its caps.
+    pub fn reserve(
         &self,
         request: &RouteRequest<'_>,
         tried: &[Arc<Deployment>],
+    ) -> Result<(Arc<Deployment>, InFlight), NoDeployment> {
+        // A deployment can reach its cap between being picked and being reserved; pick again.
+        let mut full = Vec::new();
+        loop {
+            let deployment = self.pick(request, tried, &full)?;
+            match deployment.try_start_call() {
+                Some(in_flight) => return Ok((deployment, in_flight)),
+                None => full.push(deployment),
+            }
+        }
+    }
+
+    fn pick(
+        &self,
+        request: &RouteRequest<'_>,
+        tried: &[Arc<Deployment>],
+        full: &[Arc<Deployment>],
     ) -> Result<Arc<Deployment>, NoDeployment> {
         let deployments = self
             .groups
@@ -134,6 +152,7 @@ impl Router {
         let available: Vec<&Arc<Deployment>> = deployments
             .iter()
             .filter(|d| !d.is_cooling_down() && d.has_capacity())
+            .filter(|d| !full.iter().any(|f| Arc::ptr_eq(f, d)))
             .collect();
         let untried: Vec<&Arc<Deployment>> = available
             .iter()
@@ -190,7 +209,7 @@ mod tests {
         let r = router(TWO);
         assert_eq!(r.group_names(), ["g", "h"]);
         assert_eq!(
-            r.pick(&request("x"), &[]).map(|d| d.id.clone()),
+            r.reserve(&request("x"), &[]).map(|(d, _)| d.id.clone()),
             Err(NoDeployment::UnknownGroup("x".into()))
         );
     }
@@ -198,16 +217,21 @@ mod tests {
     #[test]
     fn retries_prefer_untried_and_skip_cooling_deployments() {
         let r = router(TWO);
-        let first = r.pick(&request("g"), &[]).expect("some");
-        let second = r.pick(&request("g"), &[Arc::clone(&first)]).expect("other");
+        let (first, _) = r.reserve(&request("g"), &[]).expect("some");
+        let (second, _) = r
+            .reserve(&request("g"), &[Arc::clone(&first)])
+            .expect("other");
         assert_ne!(first.id, second.id);
         first.record_failure(1, Duration::from_secs(60));
         for _ in 0..20 {
-            assert_eq!(r.pick(&request("g"), &[]).expect("healthy").id, second.id);
+            assert_eq!(
+                r.reserve(&request("g"), &[]).expect("healthy").0.id,
+                second.id
+            );
         }
         second.record_failure(1, Duration::from_secs(60));
         assert_eq!(
-            r.pick(&request("g"), &[]).map(|d| d.id.clone()),
+            r.reserve(&request("g"), &[]).map(|(d, _)| d.id.clone()),
             Err(NoDeployment::NoneAvailable("g".into()))
         );
     }

@@ -287,6 +287,31 @@ impl Gateway {
         self.signal("TERM");
     }
 
+    /// Whether the process has a handler installed for signal number `signo` (Linux: the
+    /// `SigCgt` mask in `/proc/<pid>/status`). `None` where that cannot be read (other systems, or
+    /// the process is gone).
+    pub fn catches_signal(&self, signo: u32) -> Option<bool> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let mask = status
+            .lines()
+            .find_map(|line| line.strip_prefix("SigCgt:"))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())?;
+        Some(signo >= 1 && mask & (1 << (signo - 1)) != 0)
+    }
+
+    /// Wait until the process catches `signo` (see [`Gateway::catches_signal`]); true at once
+    /// where that cannot be observed, false on timeout.
+    pub async fn wait_catches_signal(&self, signo: u32, timeout: Duration) -> bool {
+        let started = Instant::now();
+        loop {
+            match self.catches_signal(signo) {
+                None | Some(true) => return true,
+                Some(false) if started.elapsed() > timeout => return false,
+                Some(false) => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.poll_exit().is_none()

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses a different subset of the support code
 
 pub mod client;
+pub mod fixtures;
 pub mod gateway;
 pub mod mock_upstream;
 
