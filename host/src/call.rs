@@ -37,6 +37,8 @@ pub struct Call {
     pub upstream_time: Duration,
     pub usage: Option<Usage>,
     pub cost: f64,
+    /// Each guardrail that ran and its outcome: allow, block, rewrite or error.
+    pub guardrails: Vec<(String, &'static str)>,
 }
 
 impl Call {
@@ -60,6 +62,7 @@ impl Call {
             upstream_time: Duration::ZERO,
             usage: None,
             cost: 0.0,
+            guardrails: Vec::new(),
         }
     }
 
@@ -95,6 +98,7 @@ impl Call {
             attempts: self.attempts,
             fallbacks: self.fallbacks,
             started_at: self.received_at,
+            guardrails: self.guardrails.clone(),
             outcome,
         }
     }
@@ -132,5 +136,6 @@ pub struct CallRecord {
     pub attempts: u32,
     pub fallbacks: u32,
     pub started_at: SystemTime,
+    pub guardrails: Vec<(String, &'static str)>,
     pub outcome: Outcome,
 }

@@ -45,9 +45,12 @@ pub enum GatewayError {
     /// No deployment of the group can take the call right now (all cooling down or at their caps).
     #[error("{0}")]
     Unavailable(String),
-    /// A plugin's verdict or failure; the message names the plugin.
-    #[error("{message}")]
-    Blocked { message: String },
+    /// A guardrail refused the call.
+    #[error("blocked by the guardrail '{guardrail}': {reason}")]
+    Blocked { guardrail: String, reason: String },
+    /// A plugin failed (trap, timeout, memory cap) and its policy is to fail the call.
+    #[error("{0}")]
+    PluginFailed(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -77,7 +80,9 @@ impl GatewayError {
             GatewayError::Upstream { status, .. } => *status,
             GatewayError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::Internal(_) | GatewayError::PluginFailed(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -93,7 +98,8 @@ impl GatewayError {
             GatewayError::Unauthorized(_) => "authentication_error",
             GatewayError::Forbidden(_) => "permission_error",
             GatewayError::RateLimited { .. } => "rate_limit_error",
-            GatewayError::Blocked { .. } => "guardrail_error",
+            GatewayError::Blocked { .. } => "guardrail_violation",
+            GatewayError::PluginFailed(_) => "plugin_error",
             GatewayError::Upstream { .. }
             | GatewayError::Timeout(_)
             | GatewayError::Unavailable(_)
@@ -110,7 +116,7 @@ impl GatewayError {
             GatewayError::PayloadTooLarge { .. } => Some("request_too_large"),
             GatewayError::RateLimited { .. } => Some("rate_limit_exceeded"),
             GatewayError::Timeout(_) => Some("timeout"),
-            GatewayError::Blocked { .. } => Some("content_blocked"),
+            GatewayError::Blocked { .. } => Some("guardrail_violation"),
             _ => None,
         }
     }
@@ -118,6 +124,8 @@ impl GatewayError {
     fn param(&self) -> Option<&str> {
         match self {
             GatewayError::InvalidRequest { param, .. } => param.as_deref(),
+            // The guardrail's name, so clients can tell which policy refused them.
+            GatewayError::Blocked { guardrail, .. } => Some(guardrail),
             _ => None,
         }
     }

@@ -24,6 +24,7 @@ pub struct Candidate {
 /// What a strategy may know about the call it routes.
 #[derive(Debug, Clone, Copy)]
 pub struct RouteRequest<'a> {
+    pub call_id: &'a str,
     /// The model group being routed.
     pub group: &'a str,
     /// Estimated prompt tokens, for usage-aware strategies.
@@ -38,7 +39,11 @@ pub trait RoutingStrategy: Send + Sync + fmt::Debug {
 
     /// Returns an index into `candidates`, which is never empty. `None` or an index out of range
     /// means "no opinion", and the router falls back to a weighted shuffle.
-    fn choose(&self, request: &RouteRequest<'_>, candidates: &[Candidate]) -> Option<usize>;
+    fn choose<'a>(
+        &'a self,
+        request: &'a RouteRequest<'a>,
+        candidates: &'a [Candidate],
+    ) -> BoxFuture<'a, Option<usize>>;
 }
 
 /// A boxed future, so the traits stay object safe while plugin calls are async.
@@ -74,6 +79,11 @@ pub enum Verdict {
     Rewrite(crate::providers::JsonObject),
 }
 
+/// A future that is ready at once, for implementations that never wait.
+pub fn ready<'a, T: Send + 'a>(value: T) -> BoxFuture<'a, T> {
+    Box::pin(std::future::ready(value))
+}
+
 /// Checks requests before they are routed.
 pub trait Guardrail: Send + Sync + fmt::Debug {
     fn name(&self) -> &str;
@@ -84,9 +94,8 @@ pub trait Guardrail: Send + Sync + fmt::Debug {
     ) -> BoxFuture<'a, Result<Verdict, crate::error::GatewayError>>;
 }
 
-/// Runs after a call ended, off the request path. Both methods default to doing nothing.
+/// Runs after a call ended, off the request path; `record.outcome` says how it ended.
 pub trait CallHook: Send + Sync + fmt::Debug {
     fn name(&self) -> &str;
-    fn on_success(&self, _record: &crate::call::CallRecord) {}
-    fn on_failure(&self, _record: &crate::call::CallRecord) {}
+    fn on_call_end<'a>(&'a self, record: &'a crate::call::CallRecord) -> BoxFuture<'a, ()>;
 }

@@ -6,12 +6,45 @@
 
 use std::sync::Arc;
 
-use crate::config::Config;
-use crate::extension::{CallHook, Enricher, Guardrail};
+use crate::config::{Config, StrategyName};
+use crate::extension::{CallHook, Enricher, Guardrail, RoutingStrategy};
 use crate::pipeline::authenticate::KeyTable;
 use crate::pipeline::post_call::{LogHook, PostCallQueue};
+use crate::plugins::{
+    LoadedPlugin, PluginError, PluginRuntime, WasmEnricher, WasmGuardrail, WasmHook, WasmRouter,
+};
 use crate::providers::UpstreamClient;
-use crate::router::Router;
+use crate::router::{strategy, Router};
+
+/// A guardrail and when it runs.
+#[derive(Debug)]
+pub struct GuardrailSlot {
+    pub guardrail: Arc<dyn Guardrail>,
+    /// Runs on every call, not only when the key or the request names it.
+    pub default_on: bool,
+    /// Logs its verdict without acting on it.
+    pub monitor: bool,
+}
+
+/// What every generation shares with the ones before and after it.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// So a reload keeps the upstream connection pool.
+    pub client: UpstreamClient,
+    /// The one worker that runs post-call hooks.
+    pub post_call: PostCallQueue,
+    /// The WebAssembly engine and compiled-component cache.
+    pub plugins: Arc<PluginRuntime>,
+}
+
+/// Why a configuration could not become a generation.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerationError {
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error("router.strategy: the plugin '{0}' does not export a router")]
+    NotARouter(String),
+}
 
 /// Everything a request needs, built once per configuration.
 #[derive(Debug)]
@@ -20,25 +53,67 @@ pub struct Generation {
     pub keys: KeyTable,
     pub router: Router,
     pub enrichers: Vec<Arc<dyn Enricher>>,
-    pub guardrails: Vec<Arc<dyn Guardrail>>,
+    /// Pre-call guardrails, in configured order.
+    pub guardrails: Vec<GuardrailSlot>,
     pub hooks: Arc<[Arc<dyn CallHook>]>,
-    /// Shared by all generations, so a reload keeps the upstream connection pool.
+    /// The enabled plugins, in configured order.
+    pub plugins: Vec<Arc<LoadedPlugin>>,
     pub client: UpstreamClient,
-    /// Shared by all generations: the one worker that runs post-call hooks.
     pub post_call: PostCallQueue,
 }
 
 impl Generation {
-    pub fn new(config: Config, client: UpstreamClient, post_call: PostCallQueue) -> Generation {
-        Generation {
-            keys: KeyTable::from_config(&config.auth),
-            router: Router::from_config(&config),
-            enrichers: Vec::new(),
-            guardrails: Vec::new(),
-            hooks: Arc::new([Arc::new(LogHook) as Arc<dyn CallHook>]),
-            client,
-            post_call,
-            config,
+    /// Loads the config's plugins (compiling only what the cache lacks) and builds the router.
+    pub async fn build(config: Config, shared: &Shared) -> Result<Generation, GenerationError> {
+        let mut plugins = Vec::with_capacity(config.plugins.enabled.len());
+        for plugin in &config.plugins.enabled {
+            plugins.push(shared.plugins.load(&config, plugin).await?);
         }
+        let mut guardrails = Vec::new();
+        let mut enrichers: Vec<Arc<dyn Enricher>> = Vec::new();
+        let mut hooks: Vec<Arc<dyn CallHook>> = vec![Arc::new(LogHook)];
+        for (plugin, settings) in plugins.iter().zip(&config.plugins.enabled) {
+            if plugin.is_guardrail() {
+                guardrails.push(GuardrailSlot {
+                    guardrail: Arc::new(WasmGuardrail::new(Arc::clone(plugin), settings.on_error)),
+                    default_on: settings.default_on,
+                    monitor: settings.monitor,
+                });
+            }
+            if plugin.is_enricher() {
+                enrichers.push(Arc::new(WasmEnricher::new(
+                    Arc::clone(plugin),
+                    settings.on_error,
+                )));
+            }
+            if plugin.is_hook() {
+                hooks.push(Arc::new(WasmHook::new(Arc::clone(plugin))));
+            }
+            tracing::info!(plugin = %plugin.name, kinds = ?plugin.kinds(), hash = %plugin.content_hash, "plugin loaded");
+        }
+        let fallback = strategy::builtin(config.router.fallback_strategy);
+        let strategy: Arc<dyn RoutingStrategy> =
+            match StrategyName::builtin(&config.router.strategy) {
+                Some(name) => strategy::builtin(name),
+                None => {
+                    let name = &config.router.strategy;
+                    let plugin = plugins
+                        .iter()
+                        .find(|p| &*p.name == name.as_str() && p.is_router())
+                        .ok_or_else(|| GenerationError::NotARouter(name.clone()))?;
+                    Arc::new(WasmRouter::new(Arc::clone(plugin), fallback))
+                }
+            };
+        Ok(Generation {
+            keys: KeyTable::from_config(&config.auth),
+            router: Router::new(&config, strategy),
+            enrichers,
+            guardrails,
+            hooks: hooks.into(),
+            plugins,
+            client: shared.client.clone(),
+            post_call: shared.post_call.clone(),
+            config,
+        })
     }
 }

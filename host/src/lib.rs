@@ -8,6 +8,7 @@ pub mod extension;
 pub mod generation;
 pub mod openai;
 pub mod pipeline;
+pub mod plugins;
 pub mod providers;
 pub mod router;
 pub mod server;

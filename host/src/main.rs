@@ -30,6 +30,20 @@ enum Command {
     Serve,
     /// Check the configuration and exit: non-zero, naming the bad field, if it is invalid.
     Check,
+    /// Work with plugin files.
+    Plugins {
+        #[command(subcommand)]
+        command: PluginsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginsCommand {
+    /// Print what a component exports and imports, its WIT version, and whether it can run here.
+    Inspect {
+        /// The `.wasm` file.
+        file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,6 +69,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Plugins {
+            command: PluginsCommand::Inspect { file },
+        } => match inspect(&file) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("{}: {e:#}", file.display());
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve => match serve(cli.config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -65,13 +89,51 @@ fn main() -> ExitCode {
     }
 }
 
+/// Everything serving would check before listening: the schema, the TLS files, and every
+/// plugin (compiled, its exports checked, `init` run with its config).
 fn check(path: &std::path::Path) -> anyhow::Result<Config> {
     let config = Config::load(path)?;
     if let Some(tls) = &config.server.tls {
         install_crypto_provider();
         portcullis::server::check_tls(tls)?;
     }
+    if !config.plugins.enabled.is_empty() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        runtime.block_on(portcullis::server::check_plugins(&config))?;
+    }
     Ok(config)
+}
+
+/// Prints the inspection; `Ok(false)` if the gateway cannot run the component.
+fn inspect(file: &std::path::Path) -> anyhow::Result<bool> {
+    let runtime = portcullis::plugins::PluginRuntime::new()?;
+    let report = runtime.inspect(file)?;
+    println!("file:     {}", file.display());
+    println!("sha256:   {}", report.content_hash);
+    println!(
+        "kinds:    {}",
+        if report.kinds.is_empty() {
+            "-".to_owned()
+        } else {
+            report.kinds.join(", ")
+        }
+    );
+    println!("exports:  {}", report.exports.join(", "));
+    println!("imports:  {}", report.imports.join(", "));
+    println!("gateway:  runs {}", report.supported);
+    match report.problem {
+        None => {
+            println!("status:   compatible");
+            Ok(true)
+        }
+        Some(problem) => {
+            println!("status:   incompatible: {problem}");
+            Ok(false)
+        }
+    }
 }
 
 /// rustls needs one process-wide crypto provider; ring is the one compiled in.

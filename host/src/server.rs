@@ -24,10 +24,11 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, TlsConfig};
 use crate::error::GatewayError;
-use crate::generation::Generation;
+use crate::generation::{self, Generation, GenerationError};
 use crate::pipeline::post_call::PostCallQueue;
 use crate::pipeline::respond::{error_response, json_response, ResponseBody};
 use crate::pipeline::{self};
+use crate::plugins::{PluginError, PluginRuntime};
 use crate::providers::{Endpoint, UpstreamClient};
 
 /// Why the server could not start.
@@ -40,6 +41,10 @@ pub enum ServerError {
     },
     #[error("server.tls: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Plugins(#[from] PluginError),
+    #[error(transparent)]
+    Generation(#[from] GenerationError),
 }
 
 /// A slow client may not hold a connection open by trickling its request head.
@@ -70,8 +75,12 @@ pub async fn serve(
     let tls = config.server.tls.as_ref().map(tls_acceptor).transpose()?;
     let drain = Duration::try_from_secs_f64(config.server.shutdown_drain_s)
         .unwrap_or(Duration::from_secs(30));
-    let post_call = PostCallQueue::start(config.server.post_call_queue);
-    let generation = Generation::new(config, UpstreamClient::new(), post_call);
+    let shared_parts = generation::Shared {
+        client: UpstreamClient::new(),
+        post_call: PostCallQueue::start(config.server.post_call_queue),
+        plugins: PluginRuntime::new()?,
+    };
+    let generation = Generation::build(config, &shared_parts).await?;
     if generation.keys.is_open() {
         warn!("no keys configured: anyone who can reach this address may call every model");
     }
@@ -172,6 +181,17 @@ async fn accept_tls(
             None
         }
     }
+}
+
+/// Builds the generation `config` would serve, plugins included, and drops it.
+pub async fn check_plugins(config: &Config) -> Result<(), ServerError> {
+    let shared = generation::Shared {
+        client: UpstreamClient::new(),
+        post_call: PostCallQueue::start(1),
+        plugins: PluginRuntime::new()?,
+    };
+    Generation::build(config.clone(), &shared).await?;
+    Ok(())
 }
 
 /// Reads the certificate and key as serving would, so `portcullis check` catches bad files.

@@ -23,6 +23,11 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     #[serde(default)]
     pub router: RouterConfig,
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+    /// The directory of the config file: relative paths in the config start here.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -72,6 +77,9 @@ pub struct KeyConfig {
     pub team: Option<String>,
     /// Model groups this key may call; absent means all.
     pub models: Option<Vec<String>>,
+    /// Guardrails that run for this key's calls besides the `default_on` ones.
+    #[serde(default)]
+    pub guardrails: Vec<String>,
 }
 
 /// One deployment. Entries sharing `name` form a model group.
@@ -111,10 +119,27 @@ pub enum StrategyName {
     UsageBased,
 }
 
+impl StrategyName {
+    const ALL: [(&'static str, StrategyName); 4] = [
+        ("simple-shuffle", StrategyName::SimpleShuffle),
+        ("least-busy", StrategyName::LeastBusy),
+        ("latency-based", StrategyName::LatencyBased),
+        ("usage-based", StrategyName::UsageBased),
+    ];
+
+    /// The built-in strategy with this name, if it is one.
+    pub fn builtin(name: &str) -> Option<StrategyName> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RouterConfig {
-    pub strategy: StrategyName,
+    /// A built-in strategy's name or an enabled router plugin's name.
+    pub strategy: String,
+    /// What a router plugin falls back to when its answer is unusable.
+    pub fallback_strategy: StrategyName,
     pub num_retries: u32,
     pub timeout_s: f64,
     pub stream_idle_timeout_s: f64,
@@ -126,7 +151,8 @@ pub struct RouterConfig {
 impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
-            strategy: StrategyName::SimpleShuffle,
+            strategy: "simple-shuffle".into(),
+            fallback_strategy: StrategyName::SimpleShuffle,
             num_retries: 2,
             timeout_s: 600.0,
             stream_idle_timeout_s: 120.0,
@@ -136,6 +162,112 @@ impl Default for RouterConfig {
         }
     }
 }
+
+/// WebAssembly plugins.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Where plugin files live, relative to the config file.
+    pub dir: PathBuf,
+    pub enabled: Vec<PluginConfig>,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            dir: PathBuf::from("plugins"),
+            enabled: Vec::new(),
+        }
+    }
+}
+
+/// One enabled plugin. What it does (guardrail, enricher, router, hook) is read from the component.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Unique; what keys, requests and `router.strategy` refer to.
+    pub name: String,
+    /// The `.wasm` file, relative to `plugins.dir`.
+    pub path: PathBuf,
+    /// For guardrails: when they run.
+    #[serde(default)]
+    pub mode: GuardrailMode,
+    /// For guardrails: run on every call, not only when a key or the request names it.
+    #[serde(default)]
+    pub default_on: bool,
+    /// For guardrails: evaluate and log the verdict without acting on it.
+    #[serde(default)]
+    pub monitor: bool,
+    /// What a failure of the plugin (trap, timeout, memory cap) means for the call.
+    #[serde(default)]
+    pub on_error: OnError,
+    #[serde(default)]
+    pub limits: PluginLimits,
+    #[serde(default)]
+    pub capabilities: Capabilities,
+    /// Handed to the plugin's `init` as JSON.
+    #[serde(default)]
+    pub config: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuardrailMode {
+    /// Before the upstream call, in configured order; a rewrite feeds the next guardrail.
+    #[default]
+    PreCall,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// The call fails with an error naming the plugin.
+    #[default]
+    Block,
+    /// The call goes on as if the plugin had allowed it; the failure is logged and counted.
+    Allow,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginLimits {
+    /// Linear memory cap per instance.
+    pub memory_mb: u64,
+    /// Wall-clock deadline for one hook call, instantiation included.
+    pub timeout_ms: u64,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        PluginLimits {
+            memory_mb: 32,
+            timeout_ms: 100,
+        }
+    }
+}
+
+/// What a plugin may reach beyond its own memory. Nothing by default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Capabilities {
+    pub dirs: Vec<DirGrant>,
+    /// Real wall and monotonic clocks; without this grant both read zero.
+    pub clocks: bool,
+}
+
+/// A host directory the plugin sees at `guest`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirGrant {
+    /// Relative to the config file.
+    pub host: PathBuf,
+    pub guest: String,
+    #[serde(default)]
+    pub write: bool,
+}
+
+/// The largest memory cap a plugin may ask for; the instance pool reserves this much per slot.
+pub const MAX_PLUGIN_MEMORY_MB: u64 = 1024;
 
 /// A config that could not be loaded, with the field it is about.
 #[derive(Debug, thiserror::Error)]
@@ -168,7 +300,23 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Config::parse(&text, &|name| std::env::var(name).ok())
+        let mut config = Config::parse(&text, &|name| std::env::var(name).ok())?;
+        config.base_dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_owned();
+        Ok(config)
+    }
+
+    /// A path from the config, resolved against the config file's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        self.base_dir.join(path)
+    }
+
+    /// Where an enabled plugin's file is.
+    pub fn plugin_path(&self, plugin: &PluginConfig) -> PathBuf {
+        self.resolve(&self.plugins.dir).join(&plugin.path)
     }
 
     /// Parses and checks config text; `lookup` resolves `${VAR}`.
@@ -234,7 +382,66 @@ impl Config {
         if self.auth.master_key.as_deref() == Some("") {
             return Err(ConfigError::field("auth.master_key", "must not be empty"));
         }
+        let mut plugin_names = HashSet::new();
+        for (i, plugin) in self.plugins.enabled.iter().enumerate() {
+            let at = format!("plugins.enabled[{i}]");
+            if plugin.name.is_empty() {
+                return Err(ConfigError::field(
+                    format!("{at}.name"),
+                    "must not be empty",
+                ));
+            }
+            if !plugin_names.insert(plugin.name.as_str()) {
+                return Err(ConfigError::field(
+                    format!("{at}.name"),
+                    format!("duplicate plugin name '{}'", plugin.name),
+                ));
+            }
+            if plugin.limits.memory_mb == 0 || plugin.limits.memory_mb > MAX_PLUGIN_MEMORY_MB {
+                return Err(ConfigError::field(
+                    format!("{at}.limits.memory_mb"),
+                    format!("must be between 1 and {MAX_PLUGIN_MEMORY_MB}"),
+                ));
+            }
+            if plugin.limits.timeout_ms == 0 {
+                return Err(ConfigError::field(
+                    format!("{at}.limits.timeout_ms"),
+                    "must be positive",
+                ));
+            }
+            for (j, dir) in plugin.capabilities.dirs.iter().enumerate() {
+                if !dir.guest.starts_with('/') {
+                    return Err(ConfigError::field(
+                        format!("{at}.capabilities.dirs[{j}].guest"),
+                        "must be an absolute path such as /logs",
+                    ));
+                }
+            }
+        }
+        for (i, key) in self.auth.keys.iter().enumerate() {
+            for (j, name) in key.guardrails.iter().enumerate() {
+                if !plugin_names.contains(name.as_str()) {
+                    return Err(ConfigError::field(
+                        format!("auth.keys[{i}].guardrails[{j}]"),
+                        format!("no enabled plugin named '{name}'"),
+                    ));
+                }
+            }
+        }
         let router = &self.router;
+        if StrategyName::builtin(&router.strategy).is_none()
+            && !plugin_names.contains(router.strategy.as_str())
+        {
+            let builtins: Vec<&str> = StrategyName::ALL.iter().map(|(n, _)| *n).collect();
+            return Err(ConfigError::field(
+                "router.strategy",
+                format!(
+                    "'{}' is neither a built-in strategy ({}) nor an enabled plugin",
+                    router.strategy,
+                    builtins.join(", ")
+                ),
+            ));
+        }
         positive("router.timeout_s", router.timeout_s)?;
         positive("router.stream_idle_timeout_s", router.stream_idle_timeout_s)?;
         non_negative("router.cooldown_s", router.cooldown_s)?;

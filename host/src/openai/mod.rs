@@ -2,7 +2,7 @@
 
 mod request;
 
-pub use request::ApiRequest;
+pub use request::{ApiRequest, TextView};
 
 use serde_json::Value;
 

@@ -3,6 +3,8 @@
 //! The body stays a JSON object: only the fields the gateway acts on are checked and copied out, so
 //! **unknown fields reach the upstream unchanged**.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use serde_json::Value;
 
@@ -13,8 +15,9 @@ use crate::providers::{Endpoint, JsonObject};
 #[derive(Debug, Clone)]
 pub struct ApiRequest {
     pub endpoint: Endpoint,
-    /// The client's body as sent.
-    pub body: JsonObject,
+    /// The client's body as sent (less the gateway's own fields, such as `guardrails`). Shared,
+    /// because plugins may read it while the call is routed.
+    pub body: Arc<JsonObject>,
     /// The model the client asked for: a model group's name.
     pub model: String,
     pub stream: bool,
@@ -24,6 +27,18 @@ pub struct ApiRequest {
     pub user: Option<String>,
     /// The body's `metadata` object.
     pub metadata: JsonObject,
+    /// Guardrails the request asks for by name, besides the default ones.
+    pub guardrails: Vec<String>,
+}
+
+/// The text of one message (or prompt, or embedding input), as plugins see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextView {
+    pub role: String,
+    pub content: String,
+    pub name: Option<String>,
+    /// (id, function name, arguments) of each tool call.
+    pub tool_calls: Vec<(String, String, String)>,
 }
 
 type Check = Result<(), GatewayError>;
@@ -48,7 +63,19 @@ impl ApiRequest {
     }
 
     /// Checks an already parsed body for `endpoint`.
-    pub fn from_object(endpoint: Endpoint, body: JsonObject) -> Result<ApiRequest, GatewayError> {
+    pub fn from_object(
+        endpoint: Endpoint,
+        mut body: JsonObject,
+    ) -> Result<ApiRequest, GatewayError> {
+        // The gateway's own field: it selects guardrails and is never sent upstream.
+        let guardrails = match body.shift_remove("guardrails") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(names)) if names.iter().all(Value::is_string) => names
+                .into_iter()
+                .filter_map(|n| n.as_str().map(str::to_owned))
+                .collect(),
+            Some(_) => return Err(bad("guardrails", "must be an array of guardrail names")),
+        };
         let model = match body.get("model") {
             Some(Value::String(m)) if !m.is_empty() => m.clone(),
             Some(Value::String(_)) => return Err(bad("model", "must not be empty")),
@@ -95,13 +122,96 @@ impl ApiRequest {
         };
         Ok(ApiRequest {
             endpoint,
-            body,
+            body: Arc::new(body),
             model,
             stream,
             include_usage,
             user,
             metadata,
+            guardrails,
         })
+    }
+
+    /// The texts a plugin checks: chat messages, a completion's prompts, or embedding inputs
+    /// (the last two as user messages, in order).
+    pub fn texts(&self) -> Vec<TextView> {
+        let user = |content: String| TextView {
+            role: "user".into(),
+            content,
+            name: None,
+            tool_calls: Vec::new(),
+        };
+        let field = match self.endpoint {
+            Endpoint::ChatCompletions => {
+                let messages = self.body.get("messages").and_then(Value::as_array);
+                return messages.into_iter().flatten().map(message_view).collect();
+            }
+            Endpoint::Completions => "prompt",
+            Endpoint::Embeddings => "input",
+        };
+        match self.body.get(field) {
+            Some(Value::String(text)) => vec![user(text.clone())],
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|item| {
+                    user(
+                        item.as_str()
+                            .map_or_else(|| item.to_string(), str::to_owned),
+                    )
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The body with the texts at these indices (as [`ApiRequest::texts`] numbers them) replaced.
+    pub fn with_texts(&self, rewrites: &[(usize, String)]) -> JsonObject {
+        let mut body = (*self.body).clone();
+        let field = match self.endpoint {
+            Endpoint::ChatCompletions => "messages",
+            Endpoint::Completions => "prompt",
+            Endpoint::Embeddings => "input",
+        };
+        for (index, text) in rewrites {
+            let text = Value::String(text.clone());
+            match (self.endpoint, body.get_mut(field)) {
+                (Endpoint::ChatCompletions, Some(Value::Array(messages))) => {
+                    if let Some(Value::Object(message)) = messages.get_mut(*index) {
+                        message.insert("content".into(), text);
+                    }
+                }
+                (_, Some(slot @ Value::String(_))) if *index == 0 => *slot = text,
+                (_, Some(Value::Array(items))) => {
+                    if let Some(item) = items.get_mut(*index) {
+                        *item = text;
+                    }
+                }
+                _ => {}
+            }
+        }
+        body
+    }
+}
+
+fn message_view(message: &Value) -> TextView {
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    let tool_calls = message["tool_calls"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|call| {
+            (
+                text(&call["id"]),
+                text(&call["function"]["name"]),
+                text(&call["function"]["arguments"]),
+            )
+        })
+        .collect();
+    TextView {
+        role: text(&message["role"]),
+        content: super::content_text(message.get("content")),
+        name: message["name"].as_str().map(str::to_owned),
+        tool_calls,
     }
 }
 
@@ -377,6 +487,43 @@ mod tests {
         assert!(ApiRequest::parse(Endpoint::ChatCompletions, &Bytes::from_static(b"[1]")).is_err());
         assert!(
             ApiRequest::parse(Endpoint::ChatCompletions, &Bytes::from_static(b"{nope")).is_err()
+        );
+    }
+
+    #[test]
+    fn guardrails_field_is_taken_out_of_the_body() {
+        let req = parse(
+            Endpoint::ChatCompletions,
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "guardrails": ["pii"]}),
+        )
+        .expect("valid");
+        assert_eq!(req.guardrails, vec!["pii".to_owned()]);
+        assert!(!req.body.contains_key("guardrails"));
+    }
+
+    #[test]
+    fn texts_and_rewrites_line_up() {
+        let req = parse(
+            Endpoint::ChatCompletions,
+            json!({"model": "m", "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "mail a@b.co"}]}]}),
+        )
+        .expect("valid");
+        let texts = req.texts();
+        assert_eq!(texts[1].content, "mail a@b.co");
+        let body = req.with_texts(&[(1, "mail [EMAIL]".into())]);
+        assert_eq!(body["messages"][1]["content"], "mail [EMAIL]");
+        assert_eq!(body["messages"][0]["content"], "be brief");
+        let embed = parse(
+            Endpoint::Embeddings,
+            json!({"model": "m", "input": ["a", "b"]}),
+        )
+        .expect("valid");
+        assert_eq!(embed.texts().len(), 2);
+        assert_eq!(
+            embed.with_texts(&[(1, "c".into())])["input"],
+            json!(["a", "c"])
         );
     }
 

@@ -16,6 +16,8 @@ pub struct Principal {
     pub team: Option<String>,
     /// Model groups this caller may use; `None` means all.
     pub models: Option<HashSet<String>>,
+    /// Guardrails that run for this caller besides the default ones.
+    pub guardrails: Vec<String>,
     pub is_master: bool,
 }
 
@@ -43,6 +45,7 @@ impl KeyTable {
                     alias: k.alias.clone(),
                     team: k.team.clone(),
                     models: k.models.as_ref().map(|m| m.iter().cloned().collect()),
+                    guardrails: k.guardrails.clone(),
                     is_master: false,
                 };
                 (k.key.clone(), Arc::new(principal))
@@ -53,6 +56,7 @@ impl KeyTable {
                 alias: Some("master".into()),
                 team: None,
                 models: None,
+                guardrails: Vec::new(),
                 is_master: true,
             };
             keys.insert(master.clone(), Arc::new(principal));
@@ -62,6 +66,7 @@ impl KeyTable {
                 alias: None,
                 team: None,
                 models: None,
+                guardrails: Vec::new(),
                 is_master: false,
             })
         });
@@ -141,6 +146,7 @@ mod tests {
                 alias: Some("team-a".into()),
                 team: None,
                 models: Some(vec!["m1".into()]),
+                guardrails: Vec::new(),
             }],
         })
     }

@@ -4,13 +4,15 @@
 //! counted.**
 
 use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
 use crate::call::{CallRecord, Outcome};
-use crate::extension::CallHook;
+use crate::extension::{ready, BoxFuture, CallHook};
 
 type Hooks = Arc<[Arc<dyn CallHook>]>;
 
@@ -27,7 +29,7 @@ impl PostCallQueue {
         let (sender, mut receiver) = mpsc::channel::<(Hooks, CallRecord)>(capacity.max(1));
         tokio::spawn(async move {
             while let Some((hooks, record)) = receiver.recv().await {
-                run_hooks(&hooks, &record);
+                run_hooks(&hooks, &record).await;
             }
         });
         PostCallQueue {
@@ -56,13 +58,12 @@ impl PostCallQueue {
     }
 }
 
-fn run_hooks(hooks: &Hooks, record: &CallRecord) {
+async fn run_hooks(hooks: &Hooks, record: &CallRecord) {
     for hook in hooks.iter() {
         // One hook's bug must not stop the worker, or every later event would be lost.
-        let ran = std::panic::catch_unwind(AssertUnwindSafe(|| match record.outcome {
-            Outcome::Success => hook.on_success(record),
-            _ => hook.on_failure(record),
-        }));
+        let ran = AssertUnwindSafe(hook.on_call_end(record))
+            .catch_unwind()
+            .await;
         if ran.is_err() {
             tracing::error!(hook = hook.name(), call_id = %record.call_id, "post-call hook panicked");
         }
@@ -106,12 +107,9 @@ impl CallHook for LogHook {
         "log"
     }
 
-    fn on_success(&self, record: &CallRecord) {
+    fn on_call_end<'a>(&'a self, record: &'a CallRecord) -> BoxFuture<'a, ()> {
         LogHook::log(record);
-    }
-
-    fn on_failure(&self, record: &CallRecord) {
-        LogHook::log(record);
+        ready(())
     }
 }
 
@@ -129,8 +127,9 @@ mod tests {
         fn name(&self) -> &str {
             "counting"
         }
-        fn on_success(&self, record: &CallRecord) {
+        fn on_call_end<'a>(&'a self, record: &'a CallRecord) -> BoxFuture<'a, ()> {
             self.0.lock().expect("lock").push(record.call_id.clone());
+            ready(())
         }
     }
 

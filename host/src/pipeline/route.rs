@@ -65,13 +65,14 @@ pub async fn route(
             debug!(%group, "falling back");
         }
         let route_request = RouteRequest {
+            call_id: &call.id,
             group,
             estimated_tokens,
             stream: request.stream,
         };
         let mut tried: Vec<Arc<Deployment>> = Vec::new();
         for retry in 0..=settings.num_retries {
-            let (deployment, in_flight) = match router.reserve(&route_request, &tried) {
+            let (deployment, in_flight) = match router.reserve(&route_request, &tried).await {
                 Ok(reserved) => reserved,
                 Err(e @ NoDeployment::NoneAvailable(_)) => {
                     last_error.get_or_insert(GatewayError::Unavailable(e.to_string()));

@@ -33,6 +33,15 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// The operation's name as plugins see it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat-completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+
     /// The path under an OpenAI-style base URL.
     pub fn path(self) -> &'static str {
         match self {

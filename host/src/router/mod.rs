@@ -46,7 +46,8 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn from_config(config: &Config) -> Router {
+    /// Builds the model groups of `config`, routed by `strategy`.
+    pub fn new(config: &Config, strategy: Arc<dyn RoutingStrategy>) -> Router {
         let router = &config.router;
         let mut groups: HashMap<String, Vec<Arc<Deployment>>> = HashMap::new();
         let mut names = Vec::new();
@@ -95,7 +96,7 @@ impl Router {
         Router {
             groups,
             names,
-            strategy: strategy::builtin(router.strategy),
+            strategy,
             settings: RouterSettings {
                 num_retries: router.num_retries,
                 fallbacks: router.fallbacks.clone().into_iter().collect(),
@@ -123,7 +124,7 @@ impl Router {
 
     /// Picks a deployment of `group` for the next attempt, preferring ones not yet `tried`, and
     /// counts the attempt against its caps.
-    pub fn reserve(
+    pub async fn reserve(
         &self,
         request: &RouteRequest<'_>,
         tried: &[Arc<Deployment>],
@@ -131,7 +132,7 @@ impl Router {
         // A deployment can reach its cap between being picked and being reserved; pick again.
         let mut full = Vec::new();
         loop {
-            let deployment = self.pick(request, tried, &full)?;
+            let deployment = self.pick(request, tried, &full).await?;
             match deployment.try_start_call() {
                 Some(in_flight) => return Ok((deployment, in_flight)),
                 None => full.push(deployment),
@@ -139,7 +140,7 @@ impl Router {
         }
     }
 
-    fn pick(
+    async fn pick(
         &self,
         request: &RouteRequest<'_>,
         tried: &[Arc<Deployment>],
@@ -175,6 +176,7 @@ impl Router {
         let index = self
             .strategy
             .choose(request, &candidates)
+            .await
             .filter(|&i| i < pool.len())
             .or_else(|| strategy::weighted_shuffle(&candidates))
             .unwrap_or(0);
@@ -191,47 +193,57 @@ mod tests {
     use super::*;
 
     fn router(yaml: &str) -> Router {
-        Router::from_config(&Config::parse(yaml, &|_| None).expect("valid config"))
+        let config = Config::parse(yaml, &|_| None).expect("valid config");
+        Router::new(
+            &config,
+            strategy::builtin(strategy::StrategyName::SimpleShuffle),
+        )
     }
 
     const TWO: &str = "models:\n  - { name: g, provider: mock, id: a }\n  - { name: g, provider: mock, id: b }\n  - { name: h, provider: mock }\nrouter: { allowed_fails: 1, cooldown_s: 60 }\n";
 
     fn request(group: &str) -> RouteRequest<'_> {
         RouteRequest {
+            call_id: "c",
             group,
             estimated_tokens: 1,
             stream: false,
         }
     }
 
-    #[test]
-    fn groups_keep_config_order_and_unknown_groups_are_errors() {
+    #[tokio::test]
+    async fn groups_keep_config_order_and_unknown_groups_are_errors() {
         let r = router(TWO);
         assert_eq!(r.group_names(), ["g", "h"]);
         assert_eq!(
-            r.reserve(&request("x"), &[]).map(|(d, _)| d.id.clone()),
+            r.reserve(&request("x"), &[])
+                .await
+                .map(|(d, _)| d.id.clone()),
             Err(NoDeployment::UnknownGroup("x".into()))
         );
     }
 
-    #[test]
-    fn retries_prefer_untried_and_skip_cooling_deployments() {
+    #[tokio::test]
+    async fn retries_prefer_untried_and_skip_cooling_deployments() {
         let r = router(TWO);
-        let (first, _) = r.reserve(&request("g"), &[]).expect("some");
+        let (first, _) = r.reserve(&request("g"), &[]).await.expect("some");
         let (second, _) = r
             .reserve(&request("g"), &[Arc::clone(&first)])
+            .await
             .expect("other");
         assert_ne!(first.id, second.id);
         first.record_failure(1, Duration::from_secs(60));
         for _ in 0..20 {
             assert_eq!(
-                r.reserve(&request("g"), &[]).expect("healthy").0.id,
+                r.reserve(&request("g"), &[]).await.expect("healthy").0.id,
                 second.id
             );
         }
         second.record_failure(1, Duration::from_secs(60));
         assert_eq!(
-            r.reserve(&request("g"), &[]).map(|(d, _)| d.id.clone()),
+            r.reserve(&request("g"), &[])
+                .await
+                .map(|(d, _)| d.id.clone()),
             Err(NoDeployment::NoneAvailable("g".into()))
         );
     }

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use crate::config::StrategyName;
-use crate::extension::{Candidate, RouteRequest, RoutingStrategy};
+pub use crate::config::StrategyName;
+use crate::extension::{ready, BoxFuture, Candidate, RouteRequest, RoutingStrategy};
 
 /// The strategy the config names.
 pub fn builtin(name: StrategyName) -> Arc<dyn RoutingStrategy> {
@@ -24,8 +24,12 @@ impl RoutingStrategy for SimpleShuffle {
         "simple-shuffle"
     }
 
-    fn choose(&self, _: &RouteRequest<'_>, candidates: &[Candidate]) -> Option<usize> {
-        weighted_shuffle(candidates)
+    fn choose<'a>(
+        &'a self,
+        _: &'a RouteRequest<'a>,
+        candidates: &'a [Candidate],
+    ) -> BoxFuture<'a, Option<usize>> {
+        ready(weighted_shuffle(candidates))
     }
 }
 
@@ -56,8 +60,12 @@ impl RoutingStrategy for LeastBusy {
         "least-busy"
     }
 
-    fn choose(&self, _: &RouteRequest<'_>, candidates: &[Candidate]) -> Option<usize> {
-        lowest(candidates, |c| c.in_flight as f64)
+    fn choose<'a>(
+        &'a self,
+        _: &'a RouteRequest<'a>,
+        candidates: &'a [Candidate],
+    ) -> BoxFuture<'a, Option<usize>> {
+        ready(lowest(candidates, |c| c.in_flight as f64))
     }
 }
 
@@ -70,8 +78,12 @@ impl RoutingStrategy for LatencyBased {
         "latency-based"
     }
 
-    fn choose(&self, _: &RouteRequest<'_>, candidates: &[Candidate]) -> Option<usize> {
-        lowest(candidates, |c| c.latency_ms.unwrap_or(0.0))
+    fn choose<'a>(
+        &'a self,
+        _: &'a RouteRequest<'a>,
+        candidates: &'a [Candidate],
+    ) -> BoxFuture<'a, Option<usize>> {
+        ready(lowest(candidates, |c| c.latency_ms.unwrap_or(0.0)))
     }
 }
 
@@ -84,14 +96,18 @@ impl RoutingStrategy for UsageBased {
         "usage-based"
     }
 
-    fn choose(&self, request: &RouteRequest<'_>, candidates: &[Candidate]) -> Option<usize> {
-        lowest(candidates, |c| {
+    fn choose<'a>(
+        &'a self,
+        request: &'a RouteRequest<'a>,
+        candidates: &'a [Candidate],
+    ) -> BoxFuture<'a, Option<usize>> {
+        ready(lowest(candidates, |c| {
             let used = (c.tpm_used + request.estimated_tokens) as f64;
             match c.tpm_limit {
                 Some(limit) if limit > 0 => used / limit as f64,
                 _ => used,
             }
-        })
+        }))
     }
 }
 
@@ -127,10 +143,16 @@ mod tests {
     }
 
     const REQUEST: RouteRequest<'static> = RouteRequest {
+        call_id: "c",
         group: "g",
         estimated_tokens: 10,
         stream: false,
     };
+
+    fn choose(strategy: &dyn RoutingStrategy, candidates: &[Candidate]) -> Option<usize> {
+        futures_util::FutureExt::now_or_never(strategy.choose(&REQUEST, candidates))
+            .expect("built-in strategies never wait")
+    }
 
     #[test]
     fn shuffle_follows_weights() {
@@ -138,7 +160,7 @@ mod tests {
         heavy.weight = 9;
         let candidates = [candidate("light"), heavy];
         let heavy_picks = (0..2000)
-            .filter(|_| SimpleShuffle.choose(&REQUEST, &candidates) == Some(1))
+            .filter(|_| choose(&SimpleShuffle, &candidates) == Some(1))
             .count();
         assert!((1600..=1990).contains(&heavy_picks), "{heavy_picks}");
     }
@@ -147,10 +169,7 @@ mod tests {
     fn least_busy_picks_the_idle_one() {
         let mut busy = candidate("busy");
         busy.in_flight = 3;
-        assert_eq!(
-            LeastBusy.choose(&REQUEST, &[busy, candidate("idle")]),
-            Some(1)
-        );
+        assert_eq!(choose(&LeastBusy, &[busy, candidate("idle")]), Some(1));
     }
 
     #[test]
@@ -160,11 +179,11 @@ mod tests {
         let mut fast = candidate("fast");
         fast.latency_ms = Some(20.0);
         assert_eq!(
-            LatencyBased.choose(&REQUEST, &[slow.clone(), fast.clone()]),
+            choose(&LatencyBased, &[slow.clone(), fast.clone()]),
             Some(1)
         );
         assert_eq!(
-            LatencyBased.choose(&REQUEST, &[slow, fast, candidate("new")]),
+            choose(&LatencyBased, &[slow, fast, candidate("new")]),
             Some(2)
         );
     }
@@ -177,6 +196,6 @@ mod tests {
         let mut small = candidate("small");
         small.tpm_used = 1_000;
         small.tpm_limit = Some(2_000);
-        assert_eq!(UsageBased.choose(&REQUEST, &[big, small]), Some(0));
+        assert_eq!(choose(&UsageBased, &[big, small]), Some(0));
     }
 }

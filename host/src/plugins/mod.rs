@@ -1,0 +1,532 @@
+//! WebAssembly plugins: one wasmtime `Engine` for the process, components compiled once per
+//! content hash, and a fresh, sandboxed instance per call.
+//!
+//! **A plugin's trap, timeout or memory cap ends that plugin's call, never the gateway.** Every
+//! call runs in its own `Store` under a memory limit and an epoch deadline, and the store is
+//! thrown away afterwards, so nothing a call leaves behind is seen by the next.
+//!
+//! `adapters` implements the traits of `extension.rs` over loaded plugins; the pipeline sees only
+//! those traits. This module never imports `providers` or `server`.
+
+mod adapters;
+mod store;
+mod v0_1;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+use wasmtime::component::{Component, Instance, InstancePre, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+
+pub use adapters::{WasmEnricher, WasmGuardrail, WasmHook, WasmRouter};
+pub use store::CallScope;
+use store::{Sandbox, StoreState};
+use v0_1::{enricher, guardrail, hook, lifecycle, router};
+
+use crate::config::{Config as GatewayConfig, PluginConfig, MAX_PLUGIN_MEMORY_MB};
+
+/// How often the epoch advances: the granularity of plugin deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Why a plugin could not be loaded. The message names the plugin and the file.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("plugin '{plugin}': cannot read {path}: {source}")]
+    Read {
+        plugin: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("plugin '{plugin}': {path} is not a valid component: {reason}")]
+    Compile {
+        plugin: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("plugin '{plugin}': {reason}")]
+    Incompatible { plugin: String, reason: String },
+    #[error("plugin '{plugin}' rejected its config: {reason}")]
+    Init { plugin: String, reason: String },
+    #[error("the WebAssembly engine could not start: {0}")]
+    Engine(String),
+}
+
+/// Why one call into a plugin failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PluginFailure {
+    #[error("plugin '{plugin}' exceeded its time limit of {limit_ms} ms")]
+    Timeout { plugin: String, limit_ms: u64 },
+    #[error("plugin '{plugin}' failed: {reason}")]
+    Trap { plugin: String, reason: String },
+}
+
+/// The process's WebAssembly engine and everything shared across configurations.
+pub struct PluginRuntime {
+    engine: Engine,
+    linker: Linker<StoreState>,
+    /// Compiled components by the SHA-256 of their bytes, so a reload that changes only YAML
+    /// compiles nothing.
+    cache: Mutex<HashMap<[u8; 32], Component>>,
+}
+
+impl std::fmt::Debug for PluginRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginRuntime").finish_non_exhaustive()
+    }
+}
+
+impl PluginRuntime {
+    /// Starts the engine (with the pooling allocator where the address space allows it) and the
+    /// thread that advances its epoch.
+    pub fn new() -> Result<Arc<PluginRuntime>, PluginError> {
+        let engine = pooled_engine()
+            .or_else(|_| Engine::new(&base_config()))
+            .map_err(|e| PluginError::Engine(e.to_string()))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .and_then(|()| v0_1::add_to_linker(&mut linker))
+            .map_err(|e| PluginError::Engine(e.to_string()))?;
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("portcullis-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .map_err(|e| PluginError::Engine(format!("cannot start the epoch thread: {e}")))?;
+        Ok(Arc::new(PluginRuntime {
+            engine,
+            linker,
+            cache: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Loads an enabled plugin: reads and compiles it (off the async runtime), checks what it
+    /// exports, and runs `init` once with its config under its limits.
+    pub async fn load(
+        self: &Arc<Self>,
+        gateway: &GatewayConfig,
+        config: &PluginConfig,
+    ) -> Result<Arc<LoadedPlugin>, PluginError> {
+        let path = gateway.plugin_path(config);
+        let runtime = Arc::clone(self);
+        let (name, file) = (config.name.clone(), path.clone());
+        let (component, hash) = tokio::task::spawn_blocking(move || runtime.compile(&name, &file))
+            .await
+            .map_err(|e| PluginError::Engine(e.to_string()))??;
+        let incompatible = |reason: String| PluginError::Incompatible {
+            plugin: config.name.clone(),
+            reason,
+        };
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| incompatible(describe_imports(&component, &self.engine, &e)))?;
+        let exports = Exports::of(&pre);
+        if exports.kinds().is_empty() {
+            return Err(incompatible(format!(
+                "{} exports none of {}/guardrail, enricher, router or hook",
+                path.display(),
+                v0_1::PACKAGE
+            )));
+        }
+        let config_json = match &config.config {
+            Some(value) => serde_json::to_string(value).map_err(|e| PluginError::Init {
+                plugin: config.name.clone(),
+                reason: format!("the config block cannot be expressed as JSON: {e}"),
+            })?,
+            None => "{}".to_owned(),
+        };
+        let sandbox = Sandbox {
+            memory_bytes: (config.limits.memory_mb.min(MAX_PLUGIN_MEMORY_MB) as usize) << 20,
+            dirs: config
+                .capabilities
+                .dirs
+                .iter()
+                .map(|d| store::DirGrant {
+                    host: gateway.resolve(&d.host),
+                    guest: d.guest.clone(),
+                    write: d.write,
+                })
+                .collect(),
+            clocks: config.capabilities.clocks,
+        };
+        let plugin = Arc::new(LoadedPlugin {
+            name: Arc::from(config.name.as_str()),
+            engine: self.engine.clone(),
+            pre,
+            exports,
+            config_json,
+            sandbox,
+            timeout: Duration::from_millis(config.limits.timeout_ms),
+            content_hash: hex(&hash),
+            failures: AtomicU64::new(0),
+        });
+        // A trial instance proves the plugin starts and accepts its config within its limits.
+        plugin
+            .instantiate(CallScope::default(), Instant::now() + plugin.timeout)
+            .await
+            .map_err(|failure| PluginError::Init {
+                plugin: config.name.clone(),
+                reason: failure.to_string(),
+            })?;
+        Ok(plugin)
+    }
+
+    /// What a component file exports and imports, and whether this gateway can run it.
+    pub fn inspect(&self, path: &Path) -> Result<Inspection, PluginError> {
+        let (component, hash) = self.compile("inspect", path)?;
+        let ty = component.component_type();
+        let exports: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_owned())
+            .collect();
+        let imports: Vec<String> = ty
+            .imports(&self.engine)
+            .map(|(n, _)| n.to_owned())
+            .collect();
+        let (kinds, problem) = match self.linker.instantiate_pre(&component) {
+            Ok(pre) => {
+                let exports = Exports::of(&pre);
+                let kinds = exports.kinds();
+                let problem = kinds.is_empty().then(|| {
+                    format!(
+                        "it exports none of {}/guardrail, enricher, router or hook",
+                        v0_1::PACKAGE
+                    )
+                });
+                (kinds, problem)
+            }
+            Err(e) => (
+                Vec::new(),
+                Some(describe_imports(&component, &self.engine, &e)),
+            ),
+        };
+        Ok(Inspection {
+            content_hash: hex(&hash),
+            exports,
+            imports,
+            kinds,
+            supported: v0_1::PACKAGE,
+            problem,
+        })
+    }
+
+    fn compile(&self, name: &str, path: &Path) -> Result<(Component, [u8; 32]), PluginError> {
+        let bytes = std::fs::read(path).map_err(|source| PluginError::Read {
+            plugin: name.to_owned(),
+            path: path.to_owned(),
+            source,
+        })?;
+        let hash: [u8; 32] = Sha256::digest(&bytes).into();
+        if let Some(component) = self.lock_cache().get(&hash) {
+            return Ok((component.clone(), hash));
+        }
+        let component =
+            Component::from_binary(&self.engine, &bytes).map_err(|e| PluginError::Compile {
+                plugin: name.to_owned(),
+                path: path.to_owned(),
+                reason: format!("{e:#}"),
+            })?;
+        self.lock_cache().insert(hash, component.clone());
+        Ok((component, hash))
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Component>> {
+        // The map stays consistent even if a holder panicked: entries are inserted whole.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn base_config() -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    config
+}
+
+fn pooled_engine() -> wasmtime::Result<Engine> {
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(1_000)
+        .total_core_instances(4_000)
+        .total_memories(2_000)
+        .total_tables(2_000)
+        .max_memory_size((MAX_PLUGIN_MEMORY_MB as usize) << 20);
+    let mut config = base_config();
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Engine::new(&config)
+}
+
+/// Explains an import mismatch, naming the WIT version the component was built against.
+fn describe_imports(component: &Component, engine: &Engine, err: &wasmtime::Error) -> String {
+    let ours: Vec<String> = component
+        .component_type()
+        .imports(engine)
+        .map(|(name, _)| name.to_owned())
+        .filter(|name| name.starts_with("portcullis:plugin/"))
+        .collect();
+    match ours
+        .iter()
+        .find(|name| !name.ends_with(&v0_1::PACKAGE["portcullis:plugin".len()..]))
+    {
+        Some(other) => format!(
+            "it imports {other}, but this gateway supports {}: {err:#}",
+            v0_1::PACKAGE
+        ),
+        None => format!("its imports cannot be satisfied: {err:#}"),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What `portcullis plugins inspect` reports about a component file.
+#[derive(Debug)]
+pub struct Inspection {
+    pub content_hash: String,
+    pub exports: Vec<String>,
+    pub imports: Vec<String>,
+    /// guardrail, enricher, router, hook: what the gateway would use it as.
+    pub kinds: Vec<&'static str>,
+    /// The plugin WIT version this gateway runs.
+    pub supported: &'static str,
+    /// Why the gateway could not run it, if it could not.
+    pub problem: Option<String>,
+}
+
+/// Which interfaces a component exports.
+struct Exports {
+    lifecycle: Option<lifecycle::GuestIndices>,
+    guardrail: Option<guardrail::GuestIndices>,
+    enricher: Option<enricher::GuestIndices>,
+    router: Option<router::GuestIndices>,
+    hook: Option<hook::GuestIndices>,
+}
+
+impl Exports {
+    fn of(pre: &InstancePre<StoreState>) -> Exports {
+        Exports {
+            lifecycle: lifecycle::GuestIndices::new(pre).ok(),
+            guardrail: guardrail::GuestIndices::new(pre).ok(),
+            enricher: enricher::GuestIndices::new(pre).ok(),
+            router: router::GuestIndices::new(pre).ok(),
+            hook: hook::GuestIndices::new(pre).ok(),
+        }
+    }
+
+    fn kinds(&self) -> Vec<&'static str> {
+        [
+            (self.guardrail.is_some(), "guardrail"),
+            (self.enricher.is_some(), "enricher"),
+            (self.router.is_some(), "router"),
+            (self.hook.is_some(), "hook"),
+        ]
+        .into_iter()
+        .filter_map(|(present, kind)| present.then_some(kind))
+        .collect()
+    }
+}
+
+/// A compiled, checked plugin, ready to be instantiated for calls.
+pub struct LoadedPlugin {
+    pub name: Arc<str>,
+    engine: Engine,
+    pre: InstancePre<StoreState>,
+    exports: Exports,
+    config_json: String,
+    sandbox: Sandbox,
+    timeout: Duration,
+    /// SHA-256 of the `.wasm` file.
+    pub content_hash: String,
+    failures: AtomicU64,
+}
+
+impl std::fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPlugin")
+            .field("name", &self.name)
+            .field("kinds", &self.kinds())
+            .field("content_hash", &self.content_hash)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A live instance serving one call.
+struct Live {
+    store: Store<StoreState>,
+    instance: Instance,
+}
+
+impl LoadedPlugin {
+    /// The kinds this plugin implements: guardrail, enricher, router, hook.
+    pub fn kinds(&self) -> Vec<&'static str> {
+        self.exports.kinds()
+    }
+
+    pub fn is_guardrail(&self) -> bool {
+        self.exports.guardrail.is_some()
+    }
+
+    pub fn is_enricher(&self) -> bool {
+        self.exports.enricher.is_some()
+    }
+
+    pub fn is_router(&self) -> bool {
+        self.exports.router.is_some()
+    }
+
+    pub fn is_hook(&self) -> bool {
+        self.exports.hook.is_some()
+    }
+
+    /// Calls that failed (trap, timeout, memory cap) since the plugin was loaded.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// A fresh instance with `init` done, or the reason there is none.
+    async fn instantiate(
+        &self,
+        scope: CallScope,
+        deadline: Instant,
+    ) -> Result<Live, PluginFailure> {
+        let state = StoreState::new(Arc::clone(&self.name), &self.sandbox, scope)
+            .map_err(|reason| self.trap(reason))?;
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(StoreState::limiter);
+        // Epoch ticks are EPOCH_TICK long: this traps CPU-bound loops at the deadline.
+        let ticks = (self.timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        let run = async {
+            let instance = self.pre.instantiate_async(&mut store).await?;
+            if let Some(lifecycle) = &self.exports.lifecycle {
+                let init = lifecycle.load(&mut store, &instance)?;
+                if let Err(reason) = init.call_init(&mut store, &self.config_json).await? {
+                    return Ok(Err(reason));
+                }
+            }
+            wasmtime::Result::Ok(Ok(instance))
+        };
+        match tokio::time::timeout_at(deadline, run).await {
+            Err(_) => Err(self.timed_out()),
+            Ok(Err(e)) => Err(self.failed(&e)),
+            Ok(Ok(Err(reason))) => Err(self.trap(format!("init rejected the config: {reason}"))),
+            Ok(Ok(Ok(instance))) => Ok(Live { store, instance }),
+        }
+    }
+
+    /// Runs `call` on a fresh instance within the plugin's deadline.
+    async fn with_instance<T>(
+        &self,
+        scope: CallScope,
+        call: impl AsyncFnOnce(&mut Store<StoreState>, &Instance) -> wasmtime::Result<T>,
+    ) -> Result<T, PluginFailure> {
+        let deadline = Instant::now() + self.timeout;
+        let mut live = self.instantiate(scope, deadline).await?;
+        match tokio::time::timeout_at(deadline, call(&mut live.store, &live.instance)).await {
+            Err(_) => Err(self.timed_out()),
+            Ok(Err(e)) => Err(self.failed(&e)),
+            Ok(Ok(value)) => Ok(value),
+        }
+    }
+
+    fn timed_out(&self) -> PluginFailure {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        PluginFailure::Timeout {
+            plugin: self.name.to_string(),
+            limit_ms: self.timeout.as_millis() as u64,
+        }
+    }
+
+    fn failed(&self, err: &wasmtime::Error) -> PluginFailure {
+        if matches!(
+            err.downcast_ref::<wasmtime::Trap>(),
+            Some(wasmtime::Trap::Interrupt)
+        ) {
+            return self.timed_out();
+        }
+        self.trap(format!("{err:#}"))
+    }
+
+    fn trap(&self, reason: String) -> PluginFailure {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        PluginFailure::Trap {
+            plugin: self.name.to_string(),
+            reason,
+        }
+    }
+
+    async fn check_request(
+        &self,
+        scope: CallScope,
+        request: &v0_1::types::Request,
+    ) -> Result<guardrail::RequestVerdict, PluginFailure> {
+        let Some(indices) = &self.exports.guardrail else {
+            return Ok(guardrail::RequestVerdict::Allow);
+        };
+        self.with_instance(scope, async |store, instance| {
+            let guest = indices.load(&mut *store, instance)?;
+            guest.call_check_request(store, request).await
+        })
+        .await
+    }
+
+    async fn enrich(
+        &self,
+        scope: CallScope,
+        request: &v0_1::types::Request,
+    ) -> Result<Option<enricher::Enrichment>, PluginFailure> {
+        let Some(indices) = &self.exports.enricher else {
+            return Ok(None);
+        };
+        self.with_instance(scope, async |store, instance| {
+            let guest = indices.load(&mut *store, instance)?;
+            guest.call_enrich(store, request).await.map(Some)
+        })
+        .await
+    }
+
+    async fn choose(
+        &self,
+        scope: CallScope,
+        request: &router::RouteRequest,
+        candidates: &[router::Candidate],
+    ) -> Result<Vec<u32>, PluginFailure> {
+        let Some(indices) = &self.exports.router else {
+            return Ok(Vec::new());
+        };
+        self.with_instance(scope, async |store, instance| {
+            let guest = indices.load(&mut *store, instance)?;
+            guest.call_choose(store, request, candidates).await
+        })
+        .await
+    }
+
+    async fn on_call_end(
+        &self,
+        scope: CallScope,
+        event: &hook::CallEvent,
+        success: bool,
+    ) -> Result<(), PluginFailure> {
+        let Some(indices) = &self.exports.hook else {
+            return Ok(());
+        };
+        self.with_instance(scope, async |store, instance| {
+            let guest = indices.load(&mut *store, instance)?;
+            if success {
+                guest.call_on_success(store, event).await
+            } else {
+                guest.call_on_failure(store, event).await
+            }
+        })
+        .await
+    }
+}
