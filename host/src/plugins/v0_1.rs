@@ -15,8 +15,8 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use exports::portcullis::plugin::{enricher, guardrail, hook, lifecycle, router};
-pub use portcullis::plugin::types;
+pub use self::exports::portcullis::plugin::{enricher, guardrail, hook, lifecycle, router};
+pub use self::portcullis::plugin::types;
 
 /// The WIT package this module binds, as components name it.
 pub const PACKAGE: &str = "portcullis:plugin@0.1.0";
@@ -26,18 +26,18 @@ pub fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
     Plugin::add_to_linker::<_, HasSelf<StoreState>>(linker, |state| state)
 }
 
-impl portcullis::plugin::types::Host for StoreState {}
+impl self::portcullis::plugin::types::Host for StoreState {}
 
 /// Longest log message a plugin may write in one call; the rest is cut.
 const MAX_LOG_MESSAGE: usize = 8 * 1024;
 
-impl portcullis::plugin::host::Host for StoreState {
+impl self::portcullis::plugin::host::Host for StoreState {
     async fn log(
         &mut self,
-        level: portcullis::plugin::host::LogLevel,
+        level: self::portcullis::plugin::host::LogLevel,
         mut message: String,
     ) -> wasmtime::Result<()> {
-        use portcullis::plugin::host::LogLevel;
+        use self::portcullis::plugin::host::LogLevel;
         if message.len() > MAX_LOG_MESSAGE {
             let mut end = MAX_LOG_MESSAGE;
             while !message.is_char_boundary(end) {

@@ -1,0 +1,231 @@
+//! A broken plugin never takes the gateway down: loops, memory hogs, traps, slow or rejecting
+//! `init` and nonsense answers are each contained within the plugin's limits and handled by its
+//! `on_error`; and a plugin reaches no file, environment variable or clock it was not granted.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::client;
+use support::fixtures::{assert_error, chat};
+use support::{Gateway, TempDir};
+
+fn misbehave_wasm() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/wasm32-wasip2/release/misbehave.wasm");
+    assert!(
+        path.is_file(),
+        "misbehave.wasm is missing: run `cargo build --release --target wasm32-wasip2 -p misbehave` (tests/run does)"
+    );
+    path
+}
+
+/// A gateway on the mock provider with the misbehaving plugin as a default-on guardrail.
+fn config(plugin: &str, extra: &str) -> String {
+    let wasm = misbehave_wasm();
+    format!(
+        r#"
+server: {{ listen: "{{listen}}" }}
+models:
+  - {{ name: echo, provider: mock, id: a }}
+  - {{ name: echo, provider: mock, id: b }}
+plugins:
+  dir: "{dir}"
+  enabled:
+    - {{ name: misbehave, path: misbehave.wasm, default_on: true, {plugin} }}
+{extra}
+"#,
+        dir = wasm.parent().expect("a directory").display()
+    )
+}
+
+async fn call(gateway: &Gateway) -> client::Response {
+    client::post_json(
+        &format!("{}/v1/chat/completions", gateway.url()),
+        None,
+        &chat("echo", "hello"),
+    )
+    .await
+}
+
+/// The gateway still answers health checks and plain calls.
+async fn assert_healthy(gateway: &Gateway) {
+    let ready = client::get(&format!("{}/health/readiness", gateway.url()), None).await;
+    assert_eq!(ready.status, 200, "{}", gateway.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_loop_is_stopped_at_the_deadline() {
+    let gateway = Gateway::start(&config(
+        "limits: { timeout_ms: 50 }, config: { check: loop }",
+        "",
+    ))
+    .await;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let response = call(&gateway).await;
+        let error = assert_error(&response, 500, "plugin_error");
+        let message = error["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("misbehave") && message.contains("time limit of 50 ms"),
+            "{message}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+    assert_healthy(&gateway).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_lets_the_call_through_when_the_plugin_fails() {
+    let gateway = Gateway::start(&config(
+        "on_error: allow, limits: { timeout_ms: 50 }, config: { check: loop }",
+        "",
+    ))
+    .await;
+    let response = call(&gateway).await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(response.json()["choices"][0]["message"]["content"], "hello");
+    assert!(
+        gateway.logs().contains("on_error: allow"),
+        "the failure is logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_hog_hits_its_cap_and_the_next_call_gets_a_fresh_instance() {
+    let gateway = Gateway::start(&config(
+        "limits: { memory_mb: 16, timeout_ms: 2000 }, config: { check: oom }",
+        "",
+    ))
+    .await;
+    for _ in 0..3 {
+        let response = call(&gateway).await;
+        let error = assert_error(&response, 500, "plugin_error");
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("misbehave"),
+            "{error}"
+        );
+    }
+    assert_healthy(&gateway).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trap_fails_only_that_call() {
+    let gateway = Gateway::start(&config("config: { check: trap }", "")).await;
+    for _ in 0..3 {
+        let response = call(&gateway).await;
+        let error = assert_error(&response, 500, "plugin_error");
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("plugin 'misbehave' failed"),
+            "{error}"
+        );
+    }
+    assert_healthy(&gateway).await;
+}
+
+#[test]
+fn slow_or_rejecting_init_fails_the_load_with_a_clear_reason() {
+    let (code, output) = Gateway::check(&config(
+        "limits: { timeout_ms: 100 }, config: { init: slow }",
+        "",
+    ));
+    assert_ne!(code, 0, "{output}");
+    assert!(
+        output.contains("plugin 'misbehave'") && output.contains("time limit of 100 ms"),
+        "{output}"
+    );
+
+    let (code, output) = Gateway::check(&config("config: { init: reject }", ""));
+    assert_ne!(code, 0, "{output}");
+    assert!(output.contains("rejected on purpose"), "{output}");
+
+    let (code, output) = Gateway::check(&config("config: { check: levitate }", ""));
+    assert_ne!(code, 0, "{output}");
+    assert!(
+        output.contains("check"),
+        "the config error names the field: {output}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_answering_nonsense_falls_back_to_the_built_in_strategy() {
+    let gateway = Gateway::start(&config(
+        "config: { check: allow }",
+        "router: { strategy: misbehave, fallback_strategy: least-busy }",
+    ))
+    .await;
+    for _ in 0..5 {
+        let response = call(&gateway).await;
+        assert_eq!(response.status, 200, "{}", response.text());
+    }
+}
+
+/// The probe's report: what the plugin could see from inside its sandbox.
+async fn probe(gateway: &Gateway) -> Value {
+    let response = call(gateway).await;
+    let error = assert_error(&response, 400, "guardrail_violation");
+    let message = error["message"].as_str().unwrap_or_default();
+    let report = message.split_once(": ").map_or("", |(_, r)| r);
+    serde_json::from_str(report).unwrap_or_else(|e| panic!("{e}: {message}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_grants_a_plugin_sees_no_files_environment_or_clock() {
+    let gateway = Gateway::builder(&config("config: { check: probe }", ""))
+        .env("PORTCULLIS_SECRET_FOR_TEST", "do-not-leak")
+        .start()
+        .await;
+    let report = probe(&gateway).await;
+    assert!(
+        report["etc_passwd"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("error"),
+        "{report}"
+    );
+    assert!(
+        report["granted"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("error"),
+        "{report}"
+    );
+    assert_eq!(report["env_vars"], 0, "{report}");
+    assert_eq!(report["clock_secs"], 0, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn granted_directories_and_clocks_are_visible_and_nothing_more() {
+    let dir = TempDir::new("portcullis-grant");
+    std::fs::write(dir.path().join("hello.txt"), "hi there").expect("write");
+    let plugin = format!(
+        "capabilities: {{ dirs: [{{ host: \"{}\", guest: /granted }}], clocks: true }}, config: {{ check: probe }}",
+        dir.path().display()
+    );
+    let gateway = Gateway::start(&config(&plugin, "")).await;
+    let report = probe(&gateway).await;
+    assert_eq!(report["granted"], "read 8 bytes", "{report}");
+    assert!(
+        report["etc_passwd"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("error"),
+        "{report}"
+    );
+    assert!(
+        report["clock_secs"].as_u64().unwrap_or_default() > 1_700_000_000,
+        "{report}"
+    );
+}

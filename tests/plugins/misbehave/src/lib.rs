@@ -1,0 +1,107 @@
+//! A plugin that misbehaves as its config says, so tests can prove the gateway contains it.
+//!
+//! Config: `{"init": "ok" | "slow" | "reject", "check": "allow" | "loop" | "oom" | "trap" | "probe"}`.
+//! `probe` blocks with a JSON report of what the sandbox let it see (files, environment, clocks).
+//! As a router it always answers an index that does not exist.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use portcullis_plugin_sdk::{
+    Candidate, Config, Guardrail, Plugin, Request, RequestVerdict, RouteRequest, Router,
+};
+use serde::Deserialize;
+
+/// What to do, from the plugin's config.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Misbehave {
+    #[serde(default)]
+    init: Init,
+    #[serde(default)]
+    check: Check,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Init {
+    #[default]
+    Ok,
+    Slow,
+    Reject,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Check {
+    #[default]
+    Allow,
+    Loop,
+    Oom,
+    Trap,
+    Probe,
+}
+
+impl Plugin for Misbehave {
+    fn init(config: Config) -> Result<Self, String> {
+        let plugin: Misbehave = config.parse()?;
+        match plugin.init {
+            Init::Ok => Ok(plugin),
+            Init::Slow => spin_forever(),
+            Init::Reject => Err("this configuration is rejected on purpose".into()),
+        }
+    }
+}
+
+impl Guardrail for Misbehave {
+    fn check_request(&self, _request: &Request) -> RequestVerdict {
+        match self.check {
+            Check::Allow => RequestVerdict::Allow,
+            Check::Loop => spin_forever(),
+            Check::Oom => hog_memory(),
+            Check::Trap => panic!("misbehave: trapping on purpose"),
+            Check::Probe => RequestVerdict::Block(probe()),
+        }
+    }
+}
+
+impl Router for Misbehave {
+    fn choose(&self, _request: &RouteRequest, candidates: &[Candidate]) -> Vec<u32> {
+        vec![candidates.len() as u32 + 1000]
+    }
+}
+
+portcullis_plugin_sdk::export!(Misbehave: Guardrail + Router);
+
+fn spin_forever() -> ! {
+    let mut n: u64 = 0;
+    loop {
+        n = std::hint::black_box(n.wrapping_add(1));
+    }
+}
+
+fn hog_memory() -> ! {
+    let mut hoard: Vec<Vec<u8>> = Vec::new();
+    loop {
+        hoard.push(vec![1u8; 1 << 20]);
+        std::hint::black_box(&hoard);
+    }
+}
+
+/// What the sandbox lets through, as JSON: a file outside any grant, one inside `/granted` if
+/// that was granted, the environment, and the wall clock.
+fn probe() -> String {
+    let read = |path: &str| match std::fs::read_to_string(path) {
+        Ok(text) => format!("read {} bytes", text.len()),
+        Err(e) => format!("error: {e}"),
+    };
+    let clock_secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    serde_json::json!({
+        "etc_passwd": read("/etc/passwd"),
+        "granted": read("/granted/hello.txt"),
+        "env_vars": std::env::vars().count(),
+        "clock_secs": clock_secs,
+    })
+    .to_string()
+}
