@@ -229,3 +229,34 @@ async fn granted_directories_and_clocks_are_visible_and_nothing_more() {
         "{report}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_spinning_in_loops_do_not_stall_other_calls() {
+    // Opt-in, so plain calls skip it; a long deadline, so looping calls are in flight throughout.
+    let yaml = config("limits: { timeout_ms: 1500 }, config: { check: loop }", "")
+        .replace("default_on: true", "default_on: false");
+    let gateway = Gateway::start(&yaml).await;
+    let url = format!("{}/v1/chat/completions", gateway.url());
+    let mut looping = chat("echo", "spin");
+    looping["guardrails"] = serde_json::json!(["misbehave"]);
+    // More spinning calls than the gateway has worker threads (one per core).
+    let spinners: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, body) = (url.clone(), looping.clone());
+            tokio::spawn(async move { client::post_json(&url, None, &body).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let plain = call(&gateway).await;
+    assert_eq!(plain.status, 200, "{}", plain.text());
+    assert!(
+        started.elapsed() < Duration::from_millis(750),
+        "a plain call waited {:?} behind spinning plugins",
+        started.elapsed()
+    );
+    for spinner in spinners {
+        let response = spinner.await.expect("the task ran");
+        assert_error(&response, 500, "plugin_error");
+    }
+}

@@ -72,6 +72,8 @@ pub struct PluginRuntime {
     /// Compiled components by the SHA-256 of their bytes, so a reload that changes only YAML
     /// compiles nothing.
     cache: Mutex<HashMap<[u8; 32], Component>>,
+    /// The epoch ticker starts with the first plugin: a gateway without plugins pays nothing.
+    ticker: std::sync::OnceLock<Result<(), String>>,
 }
 
 impl std::fmt::Debug for PluginRuntime {
@@ -81,8 +83,7 @@ impl std::fmt::Debug for PluginRuntime {
 }
 
 impl PluginRuntime {
-    /// Starts the engine (with the pooling allocator where the address space allows it) and the
-    /// thread that advances its epoch.
+    /// Starts the engine, with the pooling allocator where the address space allows it.
     pub fn new() -> Result<Arc<PluginRuntime>, PluginError> {
         let engine = pooled_engine()
             .or_else(|_| Engine::new(&base_config()))
@@ -91,22 +92,35 @@ impl PluginRuntime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .and_then(|()| v0_1::add_to_linker(&mut linker))
             .map_err(|e| PluginError::Engine(e.to_string()))?;
-        let weak = engine.weak();
-        std::thread::Builder::new()
-            .name("portcullis-epoch".into())
-            .spawn(move || {
-                while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(EPOCH_TICK);
-                }
-            })
-            .map_err(|e| PluginError::Engine(format!("cannot start the epoch thread: {e}")))?;
         Ok(Arc::new(PluginRuntime {
             engine,
             linker,
             cache: Mutex::new(HashMap::new()),
+            ticker: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Advances the engine's epoch every [`EPOCH_TICK`] for as long as the engine lives. Without
+    /// it no deadline could stop a plugin spinning in a loop, so failing to start it is an error,
+    /// every time it is asked for.
+    fn start_ticker(&self) -> Result<(), PluginError> {
+        self.ticker
+            .get_or_init(|| {
+                let weak = self.engine.weak();
+                std::thread::Builder::new()
+                    .name("portcullis-epoch".into())
+                    .spawn(move || {
+                        while let Some(engine) = weak.upgrade() {
+                            engine.increment_epoch();
+                            drop(engine);
+                            std::thread::sleep(EPOCH_TICK);
+                        }
+                    })
+                    .map(drop)
+                    .map_err(|e| format!("cannot start the epoch thread: {e}"))
+            })
+            .clone()
+            .map_err(PluginError::Engine)
     }
 
     /// Loads an enabled plugin: reads and compiles it (off the async runtime), checks what it
@@ -116,6 +130,7 @@ impl PluginRuntime {
         gateway: &GatewayConfig,
         config: &PluginConfig,
     ) -> Result<Arc<LoadedPlugin>, PluginError> {
+        self.start_ticker()?;
         let path = gateway.plugin_path(config);
         let runtime = Arc::clone(self);
         let (name, file) = (config.name.clone(), path.clone());
@@ -402,9 +417,11 @@ impl LoadedPlugin {
             .map_err(|reason| self.trap(reason))?;
         let mut store = Store::new(&self.engine, state);
         store.limiter(StoreState::limiter);
-        // Epoch ticks are EPOCH_TICK long: this traps CPU-bound loops at the deadline.
-        let ticks = (self.timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
-        store.set_epoch_deadline(ticks);
+        // At every epoch tick a running guest yields to the executor, so a plugin spinning in a
+        // loop neither holds a worker thread nor outlives its deadline: the `timeout_at` around
+        // the call drops it at the next yield.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_async_yield_and_update(1);
         let run = async {
             let instance = self.pre.instantiate_async(&mut store).await?;
             if let Some(lifecycle) = &self.exports.lifecycle {
