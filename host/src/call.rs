@@ -117,6 +117,26 @@ pub enum Outcome {
     Cancelled,
 }
 
+impl Outcome {
+    /// The HTTP status the client got (499, as proxies log it, if it went away).
+    pub fn status(&self) -> u16 {
+        match self {
+            Outcome::Success => 200,
+            Outcome::Failure { status, .. } => *status,
+            Outcome::Cancelled => 499,
+        }
+    }
+
+    /// What went wrong, if anything.
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            Outcome::Success => None,
+            Outcome::Failure { message, .. } => Some(message),
+            Outcome::Cancelled => Some("the client went away"),
+        }
+    }
+}
+
 /// A finished call, as post-call hooks see it.
 #[derive(Debug, Clone)]
 pub struct CallRecord {

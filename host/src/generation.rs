@@ -5,6 +5,7 @@
 //! ends.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use crate::config::{Config, StrategyName};
 use crate::extension::{CallHook, Enricher, Guardrail, RoutingStrategy};
@@ -49,6 +50,9 @@ pub enum GenerationError {
 /// Everything a request needs, built once per configuration.
 #[derive(Debug)]
 pub struct Generation {
+    /// 1 for the configuration the gateway started with, one more for each successful reload.
+    pub number: u64,
+    pub loaded_at: SystemTime,
     pub config: Config,
     pub keys: KeyTable,
     pub router: Router,
@@ -64,7 +68,12 @@ pub struct Generation {
 
 impl Generation {
     /// Loads the config's plugins (compiling only what the cache lacks) and builds the router.
-    pub async fn build(config: Config, shared: &Shared) -> Result<Generation, GenerationError> {
+    /// `previous` is the generation this one replaces: its deployments' live statistics carry on.
+    pub async fn build(
+        config: Config,
+        shared: &Shared,
+        previous: Option<&Generation>,
+    ) -> Result<Generation, GenerationError> {
         let mut plugins = Vec::with_capacity(config.plugins.enabled.len());
         for plugin in &config.plugins.enabled {
             plugins.push(shared.plugins.load(&config, plugin).await?);
@@ -105,8 +114,10 @@ impl Generation {
                 }
             };
         Ok(Generation {
+            number: previous.map_or(1, |p| p.number + 1),
+            loaded_at: SystemTime::now(),
             keys: KeyTable::from_config(&config.auth),
-            router: Router::new(&config, strategy),
+            router: Router::new(&config, strategy, previous.map(|p| &p.router)),
             enrichers,
             guardrails,
             hooks: hooks.into(),

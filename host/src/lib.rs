@@ -1,5 +1,6 @@
 //! Portcullis: an OpenAI-compatible LLM gateway. See `ARCHITECTURE.md` for the map.
 
+pub mod admin;
 pub mod call;
 pub mod config;
 pub mod cost;
@@ -10,6 +11,7 @@ pub mod openai;
 pub mod pipeline;
 pub mod plugins;
 pub mod providers;
+pub mod reload;
 pub mod router;
 pub mod server;
 pub mod sse;

@@ -157,19 +157,27 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let shutdown = shutdown_signal()?;
-        portcullis::server::serve(config, shutdown, |address| {
+        let hangups = hangup_signal()?;
+        portcullis::server::serve(path, config, shutdown, |address, reloader| {
             eprintln!("portcullis listening on {scheme}://{address}");
+            hangups.reload_on_each(reloader);
         })
         .await?;
         anyhow::Ok(())
     })
 }
 
+/// Dependencies whose debug logs drown the gateway's own.
+const QUIET_TARGETS: &str = "cranelift_codegen=warn,wasmtime_internal_cranelift=warn,wasmtime=info";
+
 /// `PORTCULLIS_LOG` takes `tracing` filter directives (default `info`);
 /// `PORTCULLIS_LOG_FORMAT=json` writes one JSON object per line.
 fn init_logging() {
-    let filter =
-        EnvFilter::try_from_env("PORTCULLIS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // The compiler's debug output is thousands of lines per plugin and slows compiling down:
+    // quiet it unless the directives name it (a later directive for a target wins).
+    let directives = std::env::var("PORTCULLIS_LOG").unwrap_or_else(|_| "info".to_owned());
+    let filter = EnvFilter::try_new(format!("{QUIET_TARGETS},{directives}"))
+        .unwrap_or_else(|_| EnvFilter::new(format!("{QUIET_TARGETS},info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -201,5 +209,41 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
         Ok(async {
             let _ = tokio::signal::ctrl_c().await;
         })
+    }
+}
+
+/// SIGHUP, registered at start so that one arriving early does not kill the process (its default
+/// action), and handed to the server once it listens: each one reloads the configuration.
+struct Hangups {
+    #[cfg(unix)]
+    signal: tokio::signal::unix::Signal,
+}
+
+fn hangup_signal() -> anyhow::Result<Hangups> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let signal = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+        Ok(Hangups { signal })
+    }
+    #[cfg(not(unix))]
+    Ok(Hangups {})
+}
+
+impl Hangups {
+    fn reload_on_each(self, reloader: &std::sync::Arc<portcullis::reload::Reloader>) {
+        #[cfg(unix)]
+        {
+            let reloader = std::sync::Arc::clone(reloader);
+            let mut signal = self.signal;
+            tokio::spawn(async move {
+                while signal.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    reloader.request();
+                }
+            });
+        }
+        #[cfg(not(unix))]
+        let _ = reloader;
     }
 }

@@ -4,11 +4,11 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::admin;
 use crate::config::{Config, TlsConfig};
 use crate::error::GatewayError;
 use crate::generation::{self, Generation, GenerationError};
@@ -30,15 +31,13 @@ use crate::pipeline::respond::{error_response, json_response, ResponseBody};
 use crate::pipeline::{self};
 use crate::plugins::{PluginError, PluginRuntime};
 use crate::providers::{Endpoint, UpstreamClient};
+use crate::reload::Reloader;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: String,
-        source: std::io::Error,
-    },
+    #[error("cannot listen on {addr}: {error}")]
+    Bind { addr: String, error: std::io::Error },
     #[error("server.tls: {0}")]
     Tls(String),
     #[error(transparent)]
@@ -54,23 +53,26 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// What every connection shares.
 #[derive(Debug)]
 struct Shared {
-    generation: ArcSwap<Generation>,
+    reloader: Arc<Reloader>,
     draining: AtomicBool,
 }
 
-/// Serves `config` until `shutdown` completes, then drains in-flight requests and streams for at
-/// most `server.shutdown_drain_s`. `on_listening` learns the bound address (port 0 picks one).
+/// Serves `config` (loaded from `config_path`, which is watched for changes) until `shutdown`
+/// completes, then drains in-flight requests and streams for at most `server.shutdown_drain_s`.
+/// `on_listening` learns the bound address (port 0 picks one) and gets the reloader, to reload on
+/// request.
 pub async fn serve(
+    config_path: PathBuf,
     config: Config,
     shutdown: impl Future<Output = ()>,
-    on_listening: impl FnOnce(SocketAddr),
+    on_listening: impl FnOnce(SocketAddr, &Arc<Reloader>),
 ) -> Result<(), ServerError> {
     let listen = config.server.listen.clone();
     let listener = TcpListener::bind(&listen)
         .await
-        .map_err(|source| ServerError::Bind {
+        .map_err(|error| ServerError::Bind {
             addr: listen.clone(),
-            source,
+            error,
         })?;
     let tls = config.server.tls.as_ref().map(tls_acceptor).transpose()?;
     let drain = Duration::try_from_secs_f64(config.server.shutdown_drain_s)
@@ -80,20 +82,21 @@ pub async fn serve(
         post_call: PostCallQueue::start(config.server.post_call_queue),
         plugins: PluginRuntime::new()?,
     };
-    let generation = Generation::build(config, &shared_parts).await?;
-    if generation.keys.is_open() {
+    let reloader = Reloader::start(config_path, config, shared_parts).await?;
+    if reloader.current().keys.is_open() {
         warn!("no keys configured: anyone who can reach this address may call every model");
     }
+    reloader.spawn();
     let shared = Arc::new(Shared {
-        generation: ArcSwap::from_pointee(generation),
+        reloader,
         draining: AtomicBool::new(false),
     });
-    let local = listener.local_addr().map_err(|source| ServerError::Bind {
+    let local = listener.local_addr().map_err(|error| ServerError::Bind {
         addr: listen.clone(),
-        source,
+        error,
     })?;
     info!(address = %local, tls = tls.is_some(), "listening");
-    on_listening(local);
+    on_listening(local, &shared.reloader);
 
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -190,7 +193,7 @@ pub async fn check_plugins(config: &Config) -> Result<(), ServerError> {
         post_call: PostCallQueue::start(1),
         plugins: PluginRuntime::new()?,
     };
-    Generation::build(config.clone(), &shared).await?;
+    Generation::build(config.clone(), &shared, None).await?;
     Ok(())
 }
 
@@ -240,7 +243,7 @@ async fn dispatch(shared: &Shared, request: Request<Incoming>) -> Response<Respo
             return method_not_allowed(&method, &route, "POST");
         }
         // One generation for the whole request, held as an `Arc` across every await.
-        let generation = shared.generation.load_full();
+        let generation = shared.reloader.current();
         let (parts, body) = request.into_parts();
         return pipeline::handle(generation, endpoint, parts.headers, body).await;
     }
@@ -248,11 +251,14 @@ async fn dispatch(shared: &Shared, request: Request<Incoming>) -> Response<Respo
         if method != Method::GET {
             return method_not_allowed(&method, &route, "GET");
         }
-        return pipeline::retrieve_model(&shared.generation.load(), request.headers(), id);
+        return pipeline::retrieve_model(&shared.reloader.current(), request.headers(), id);
     }
     match route.as_str() {
         "/models" if method == Method::GET => {
-            pipeline::list_models(&shared.generation.load(), request.headers())
+            pipeline::list_models(&shared.reloader.current(), request.headers())
+        }
+        "/admin/status" if method == Method::GET => {
+            admin::status(&shared.reloader, request.headers())
         }
         "/health/liveliness" | "/health/liveness" if method == Method::GET => json_response(
             StatusCode::OK,
@@ -271,9 +277,8 @@ async fn dispatch(shared: &Shared, request: Request<Incoming>) -> Response<Respo
                 )
             }
         }
-        "/models" | "/health/liveliness" | "/health/liveness" | "/health/readiness" => {
-            method_not_allowed(&method, &route, "GET")
-        }
+        "/models" | "/health/liveliness" | "/health/liveness" | "/health/readiness"
+        | "/admin/status" => method_not_allowed(&method, &route, "GET"),
         _ => error_response(
             &GatewayError::RouteNotFound(format!("unknown route: {method} {path}")),
             None,

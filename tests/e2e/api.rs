@@ -13,7 +13,8 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use support::client::{self, Response};
 use support::fixtures::{
-    chat, chat_stream, header_f64, standard, words, MASTER, TEAM_A, UPSTREAM_KEY,
+    chat, chat_stream, header_f64, standard, start_json_logs, wait_for_call_records, words, MASTER,
+    STANDARD_CONFIG, TEAM_A, UPSTREAM_KEY,
 };
 use support::mock_upstream::{
     anthropic_tool_use_response, mock_embedding, openai_tool_call_response,
@@ -294,15 +295,7 @@ async fn anthropic_chat_is_translated_both_ways() {
 async fn openai_compatible_without_a_key_sends_no_authorization() {
     let upstream = MockUpstream::start().await;
     let gateway = standard(&upstream).await;
-    // The mock insists on a key for its own routes, so script the answer to see what was sent.
-    upstream.push_fault(Fault::Reply(json!({
-        "id": "chatcmpl-local",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "llama",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "local answer"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
-    })));
+    upstream.push_fault(local_reply());
     let response = client::post_json(
         &format!("{}/v1/chat/completions", gateway.url()),
         MASTER,
@@ -744,4 +737,102 @@ async fn a_single_model_can_be_retrieved_by_a_key_that_may_use_it() {
     assert_eq!(client::get(&url("echo"), MASTER).await.status, 200);
     assert_eq!(client::get(&url("nope"), MASTER).await.status, 404);
     assert_eq!(client::get(&url("echo"), None).await.status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_compatible_passes_unknown_fields_through_unchanged() {
+    let upstream = MockUpstream::start().await;
+    let gateway = standard(&upstream).await;
+    let mut body = chat("local", "keep my extras");
+    body["seed"] = json!(7);
+    body["repetition_penalty"] = json!(1.1);
+    body["vendor_options"] = json!({"top_k": 40, "nested": [1, {"deep": null}, "x"]});
+    upstream.push_fault(local_reply());
+    let response = client::post_json(
+        &format!("{}/v1/chat/completions", gateway.url()),
+        MASTER,
+        &body,
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(response.json()["model"], "local");
+
+    let sent = upstream.last_request().expect("the upstream was called");
+    assert_eq!(sent.path, "/v1/chat/completions");
+    // Only `model` becomes the upstream's id; every other field, unknown ones included, is as sent.
+    let mut expected = body.clone();
+    expected["model"] = json!("llama");
+    assert_eq!(sent.body, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_calls_reuse_one_pooled_upstream_connection() {
+    let upstream = MockUpstream::start().await;
+    let gateway = standard(&upstream).await;
+    for round in 0..5 {
+        let response = client::post_json(
+            &format!("{}/v1/chat/completions", gateway.url()),
+            MASTER,
+            &chat("gpt-4o-mini", "again"),
+        )
+        .await;
+        assert_eq!(response.status, 200, "round {round}: {}", response.text());
+        // The client hands a connection back to its pool from a task of its own; give it a moment.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(upstream.request_count(), 5);
+    assert_eq!(
+        upstream.connection_count(),
+        1,
+        "one connection for all calls"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_call_record_carries_the_end_user_and_metadata() {
+    let upstream = MockUpstream::start().await;
+    let gateway = start_json_logs(STANDARD_CONFIG, &upstream).await;
+    let mut body = chat("gpt-4o-mini", "who am I");
+    body["user"] = json!("end-user-42");
+    body["metadata"] = json!({"ticket": "T-1234"});
+    let response = client::post_json(
+        &format!("{}/v1/chat/completions", gateway.url()),
+        MASTER,
+        &body,
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    let records = wait_for_call_records(&gateway, 1).await;
+    let record = records[0].to_string();
+    assert!(record.contains("end-user-42"), "no end user: {record}");
+    assert!(record.contains("T-1234"), "no metadata: {record}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_model_can_be_retrieved_without_the_v1_prefix() {
+    let upstream = MockUpstream::start().await;
+    let gateway = standard(&upstream).await;
+    let prefixed = client::get(&format!("{}/v1/models/gpt-4o-mini", gateway.url()), TEAM_A).await;
+    assert_eq!(prefixed.status, 200, "{}", prefixed.text());
+    let bare = client::get(&format!("{}/models/gpt-4o-mini", gateway.url()), TEAM_A).await;
+    assert_eq!(bare.status, 200, "{}", bare.text());
+    assert_eq!(bare.json(), prefixed.json());
+    assert_eq!(bare.json()["id"], "gpt-4o-mini");
+    assert_eq!(bare.json()["object"], "model");
+    let hidden = client::get(&format!("{}/models/echo", gateway.url()), TEAM_A).await;
+    assert_eq!(hidden.status, 404, "{}", hidden.text());
+    assert_eq!(hidden.json()["error"]["code"], "model_not_found");
+}
+
+/// The answer of the keyless `local` deployment. The mock insists on a key for its own routes,
+/// so the answer is scripted, to see what the gateway sent.
+fn local_reply() -> Fault {
+    Fault::Reply(json!({
+        "id": "chatcmpl-local",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "llama",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "local answer"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    }))
 }

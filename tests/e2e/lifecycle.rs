@@ -5,8 +5,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::client;
-use support::fixtures::{chat, chat_stream, standard, words, MASTER, STANDARD_CONFIG};
-use support::{fill, Gateway, MockUpstream};
+use support::fixtures::{
+    chat, chat_stream, standard, start, words, MASTER, PROMPTLY, STANDARD_CONFIG,
+};
+use support::{fill, wait_until, Fault, Gateway, MockUpstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -397,4 +399,89 @@ async fn a_gateway_that_answers_readiness_already_handles_sigterm() {
         );
         assert!(status.success(), "round {round}: exit status {status}");
     }
+}
+
+/// The standard config with no retries and a long attempt timeout, so a slow upstream answer is
+/// waited for rather than retried.
+fn patient_config() -> String {
+    let config = STANDARD_CONFIG.replace(
+        "num_retries: 2, timeout_s: 1,",
+        "num_retries: 0, timeout_s: 10,",
+    );
+    assert_ne!(
+        config, STANDARD_CONFIG,
+        "the router line of STANDARD_CONFIG changed"
+    );
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_delayed_whole_request_finish_and_readiness_reports_draining() {
+    let upstream = MockUpstream::start().await;
+    let mut gateway = start(&patient_config(), &upstream).await;
+
+    // A connection whose request head is incomplete when the signal lands counts as in progress,
+    // not idle, so the gateway still answers it: the one way to ask for readiness while it drains
+    // (the listener itself closes at once).
+    let mut probe = TcpStream::connect(("127.0.0.1", gateway.port()))
+        .await
+        .expect("connect");
+    probe
+        .write_all(b"GET /health/readiness HTTP/1.1\r\n")
+        .await
+        .expect("send the start of a request head");
+
+    upstream.push_fault(Fault::Delay(Duration::from_secs(2)));
+    let url = format!("{}/v1/chat/completions", gateway.url());
+    let call = tokio::spawn(async move {
+        let response = client::post_json(&url, MASTER, &chat("gpt-4o-mini", "almost there")).await;
+        (response, Instant::now())
+    });
+    assert!(
+        wait_until(PROMPTLY, || upstream.request_count() == 1).await,
+        "the call never reached the upstream"
+    );
+    let signalled = Instant::now();
+    send_signal(&gateway, "TERM").await;
+    assert!(
+        gateway
+            .wait_for_log("shutting down: draining", PROMPTLY)
+            .await,
+        "no drain after SIGTERM: {}",
+        gateway.logs()
+    );
+
+    probe
+        .write_all(b"host: gateway\r\n\r\n")
+        .await
+        .expect("finish the request head");
+    let mut answer = Vec::new();
+    tokio::time::timeout(PROMPTLY, probe.read_to_end(&mut answer))
+        .await
+        .expect("readiness answered while draining")
+        .expect("read the readiness answer");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains(r#"{"status":"draining"}"#), "{answer}");
+
+    let (response, answered) = call.await.expect("the call task");
+    assert!(
+        answered > signalled,
+        "the call was not in flight at SIGTERM"
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(
+        response.json()["choices"][0]["message"]["content"],
+        "echo: almost there"
+    );
+    let status = gateway
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("still running 10 s after SIGTERM:\n{}", gateway.logs()));
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        !gateway.logs().contains("drain time over"),
+        "{}",
+        gateway.logs()
+    );
 }

@@ -5,6 +5,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use support::client::{self, RequestBuilder};
 use support::fixtures::{assert_error, chat, chat_stream, standard, start, words, MASTER};
 use support::gateway::free_port;
@@ -435,4 +436,168 @@ async fn a_tpm_cap_refuses_calls_once_the_minute_s_tokens_are_spent() {
     let response = client::post_json(&chat_url(&gateway), MASTER, &chat("capped", "hi")).await;
     assert_error(&response, 503, "api_error");
     assert_eq!(upstream.request_count(), 2, "the third call never left");
+}
+
+/// [`PAIR`] with a long per-deployment timeout, so a deliberately slow answer still succeeds.
+const PATIENT_PAIR: &str = r#"
+  - { name: pair, provider: openai, model: model-a, id: dep-a, api_base: "{upstream}/v1", api_key: "sk-upstream-test", timeout_s: 10 }
+  - { name: pair, provider: openai, model: model-b, id: dep-b, api_base: "{upstream}/v1", api_key: "sk-upstream-test", timeout_s: 10 }
+"#;
+
+/// The deployment that answered, from the response header.
+fn model_id(response: &client::Response) -> String {
+    response
+        .header("x-portcullis-model-id")
+        .unwrap_or_else(|| panic!("no x-portcullis-model-id: {:?}", response.headers))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_based_routing_prefers_the_faster_deployment() {
+    let upstream = MockUpstream::start().await;
+    let setup = Setup {
+        models: PATIENT_PAIR,
+        strategy: "latency-based",
+        ..Setup::default()
+    };
+    let gateway = gateway(setup, &upstream).await;
+    // Whichever deployment is picked first answers slowly and is measured so.
+    upstream.push_fault(Fault::Delay(Duration::from_millis(800)));
+    let first = client::post_json(&chat_url(&gateway), MASTER, &chat("pair", "hi")).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let slow = model_id(&first);
+
+    // The other one has no measurement yet, so it goes next, and answers at once.
+    let second = client::post_json(&chat_url(&gateway), MASTER, &chat("pair", "hi")).await;
+    assert_eq!(second.status, 200, "{}", second.text());
+    let fast = model_id(&second);
+    assert_ne!(fast, slow, "the unmeasured deployment was not tried");
+
+    for round in 0..10 {
+        let response = client::post_json(&chat_url(&gateway), MASTER, &chat("pair", "hi")).await;
+        assert_eq!(response.status, 200, "round {round}: {}", response.text());
+        assert_eq!(model_id(&response), fast, "round {round}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_based_routing_prefers_the_deployment_with_fewer_tokens_this_minute() {
+    let upstream = MockUpstream::start().await;
+    let setup = Setup {
+        strategy: "usage-based",
+        ..Setup::default()
+    };
+    let gateway = gateway(setup, &upstream).await;
+    // About 600 tokens (300 words in, echoed back) on whichever deployment takes it.
+    let big = client::post_json(&chat_url(&gateway), MASTER, &chat("pair", &words(300))).await;
+    assert_eq!(big.status, 200, "{}", big.text());
+    assert!(
+        big.json()["usage"]["total_tokens"]
+            .as_u64()
+            .is_some_and(|t| t > 500),
+        "{}",
+        big.text()
+    );
+    let busy = model_id(&big);
+
+    // Ten calls of 5 tokens each stay well below that, so all go to the other deployment.
+    for round in 0..10 {
+        let response = client::post_json(&chat_url(&gateway), MASTER, &chat("pair", "hi")).await;
+        assert_eq!(response.status, 200, "round {round}: {}", response.text());
+        assert_ne!(model_id(&response), busy, "round {round}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_skew_the_traffic_split() {
+    let upstream = MockUpstream::start().await;
+    let models = r#"
+  - { name: weighted, provider: mock, id: light, weight: 1 }
+  - { name: weighted, provider: mock, id: heavy, weight: 9 }
+"#;
+    let setup = Setup {
+        models,
+        ..Setup::default()
+    };
+    let gateway = gateway(setup, &upstream).await;
+    let mut heavy = 0;
+    for _ in 0..100 {
+        let response =
+            client::post_json(&chat_url(&gateway), MASTER, &chat("weighted", "hi")).await;
+        assert_eq!(response.status, 200, "{}", response.text());
+        match model_id(&response).as_str() {
+            "heavy" => heavy += 1,
+            "light" => {}
+            other => panic!("unexpected deployment {other}"),
+        }
+    }
+    // 90 expected; 60 is more than nine standard deviations away.
+    assert!(heavy > 60, "heavy got {heavy} of 100");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_reply_that_times_out_is_retried_on_the_other_deployment() {
+    let upstream = MockUpstream::start().await;
+    let setup = Setup {
+        retries: 1,
+        ..Setup::default()
+    };
+    let gateway = gateway(setup, &upstream).await;
+    // Longer than timeout_s (1 s): the first attempt is abandoned.
+    upstream.push_fault(Fault::Delay(Duration::from_secs(3)));
+    let response =
+        client::post_json(&chat_url(&gateway), MASTER, &chat("pair", "second try")).await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(
+        response.json()["choices"][0]["message"]["content"],
+        "echo: second try"
+    );
+    assert_eq!(response.json()["model"], "pair");
+    assert_eq!(response.header("x-portcullis-attempted-retries"), Some("1"));
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 2);
+    let timed_out = requests[0].body["model"].as_str().expect("model");
+    let answered = requests[1].body["model"].as_str().expect("model");
+    assert_ne!(timed_out, answered, "retried the deployment that timed out");
+    assert_eq!(model_id(&response), pair_id(answered));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_chain_moves_on_until_a_group_answers() {
+    let upstream = MockUpstream::start().await;
+    let config = r#"
+server: { listen: "{listen}", shutdown_drain_s: 5 }
+auth: { master_key: "sk-master" }
+models:
+  - { name: first, provider: openai, model: first-model, id: first-a, api_base: "{upstream}/v1", api_key: "sk-upstream-test" }
+  - { name: second, provider: openai, model: second-model, id: second-a, api_base: "{upstream}/v1", api_key: "sk-upstream-test" }
+  - { name: third, provider: openai, model: third-model, id: third-a, api_base: "{upstream}/v1", api_key: "sk-upstream-test" }
+router: { num_retries: 0, timeout_s: 1, stream_idle_timeout_s: 1, allowed_fails: 100, cooldown_s: 1, fallbacks: { first: [second, third] } }
+"#;
+    let gateway = start(config, &upstream).await;
+    upstream.push_faults([Fault::status(500), Fault::status(503)]);
+    let response =
+        client::post_json(&chat_url(&gateway), MASTER, &chat("first", "third time")).await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert_eq!(
+        response.json()["model"],
+        "first",
+        "the name the client asked for"
+    );
+    assert_eq!(
+        response.json()["choices"][0]["message"]["content"],
+        "echo: third time"
+    );
+    assert_eq!(
+        response.header("x-portcullis-attempted-fallbacks"),
+        Some("2")
+    );
+    assert_eq!(response.header("x-portcullis-model-group"), Some("third"));
+    assert_eq!(response.header("x-portcullis-model-id"), Some("third-a"));
+    let models: Vec<Value> = upstream
+        .requests()
+        .iter()
+        .map(|r| r.body["model"].clone())
+        .collect();
+    assert_eq!(models, ["first-model", "second-model", "third-model"]);
 }

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::client::{self, RequestBuilder, SseResponse};
 use support::fixtures::{
-    assert_error, chat_stream, start, stream_error, words, MASTER, STANDARD_CONFIG,
+    assert_error, chat_stream, start, start_json_logs, stream_error, wait_for_call_records, words,
+    MASTER, STANDARD_CONFIG,
 };
 use support::mock_upstream::{sse_data, sse_event, SSE_DONE};
 use support::{wait_until, Fault, Gateway, MockUpstream};
@@ -641,5 +642,39 @@ async fn a_choices_empty_chunk_without_usage_is_not_mistaken_for_the_usage_chunk
         chunks.iter().all(|c| c.get("usage").is_none()),
         "{}",
         response.raw
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_usage_is_costed_even_when_the_client_did_not_ask_for_it() {
+    let upstream = MockUpstream::start().await;
+    let gateway = start_json_logs(STANDARD_CONFIG, &upstream).await;
+    // No `stream_options`: the client gets no usage chunk, but the gateway asks for one anyway.
+    let response = client::stream_sse(
+        &chat_url(&gateway),
+        MASTER,
+        &chat_stream("gpt-4o-mini", "count these tokens"),
+    )
+    .await;
+    assert!(response.done(), "{}", response.raw);
+    assert_eq!(response.content(), "echo: count these tokens");
+    for chunk in chat_chunks(&response, "gpt-4o-mini") {
+        assert!(chunk.get("usage").is_none(), "{chunk}");
+    }
+
+    let records = wait_for_call_records(&gateway, 1).await;
+    let record = &records[0];
+    assert_eq!(record["stream"], true, "{record}");
+    assert_eq!(record["status"], 200, "{record}");
+    assert_eq!(record["deployment"], "oai-a", "{record}");
+    // "be brief" + "count these tokens" in, "echo: count these tokens" out.
+    assert_eq!(record["prompt_tokens"], 5, "{record}");
+    assert_eq!(record["completion_tokens"], 4, "{record}");
+    // gpt-4o-mini-2024-07-18 is in the built-in price table: 0.15 / 0.60 USD per million tokens.
+    let cost = record["cost_usd"].as_f64().expect("cost_usd is a number");
+    let expected = (5.0 * 0.15 + 4.0 * 0.60) / 1e6;
+    assert!(
+        (cost - expected).abs() < 1e-12,
+        "cost {cost}, expected {expected}: {record}"
     );
 }

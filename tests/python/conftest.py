@@ -418,15 +418,7 @@ def gateway(fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactor
 
     if process.poll() is not None:
         pytest.fail(f"the gateway died during the suite (status {process.returncode})\n{gw.stderr()}", pytrace=False)
-    process.send_signal(signal.SIGTERM)
-    try:
-        status = process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        pytest.fail(f"the gateway ignored SIGTERM for 10s\n{gw.stderr()}", pytrace=False)
-    if status != 0:
-        pytest.fail(f"the gateway exited with status {status} after SIGTERM\n{gw.stderr()}", pytrace=False)
+    stop_gracefully(process, gw.stderr)
 
 
 @pytest.fixture
@@ -439,3 +431,16 @@ def client(gateway: Gateway) -> openai.OpenAI:
 def master_client(gateway: Gateway) -> openai.OpenAI:
     with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=MASTER_KEY, max_retries=0, timeout=10) as c:
         yield c
+
+
+def stop_gracefully(process: subprocess.Popen, logs) -> None:
+    """SIGTERM, then fails the test unless the gateway exits 0 within 10 s; `logs()` explains."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        status = process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        pytest.fail(f"the gateway ignored SIGTERM for 10s\n{logs()}", pytrace=False)
+    if status != 0:
+        pytest.fail(f"the gateway exited with status {status} after SIGTERM\n{logs()}", pytrace=False)

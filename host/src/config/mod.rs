@@ -272,10 +272,10 @@ pub const MAX_PLUGIN_MEMORY_MB: u64 = 1024;
 /// A config that could not be loaded, with the field it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{0}")]
     Syntax(String),
@@ -296,11 +296,16 @@ impl ConfigError {
 impl Config {
     /// Reads, expands `${VAR}`s from the process environment, parses and checks a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
-        let mut config = Config::parse(&text, &|name| std::env::var(name).ok())?;
+        Config::from_file_text(path, &text)
+    }
+
+    /// [`Config::load`] for text already read from `path`.
+    pub fn from_file_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let mut config = Config::parse(text, &|name| std::env::var(name).ok())?;
         config.base_dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::call::{CallRecord, Outcome};
+use crate::call::CallRecord;
 use crate::extension::{ready, BoxFuture, CallHook};
 
 type Hooks = Arc<[Arc<dyn CallHook>]>;
@@ -77,26 +77,24 @@ pub struct LogHook;
 impl LogHook {
     fn log(record: &CallRecord) {
         let usage = record.usage.unwrap_or_default();
-        let (status, error) = match &record.outcome {
-            Outcome::Success => (200, None),
-            Outcome::Failure { status, message } => (*status, Some(message.as_str())),
-            Outcome::Cancelled => (499, Some("client went away")),
-        };
         tracing::info!(
             target: "portcullis::calls",
             call_id = %record.call_id,
             key = record.key_alias.as_deref().unwrap_or("-"),
             model = %record.model,
+            end_user = record.end_user.as_deref(),
             deployment = record.deployment.as_deref().unwrap_or("-"),
             stream = record.stream,
-            status,
-            error,
+            status = record.outcome.status(),
+            error = record.outcome.error(),
             latency_ms = record.latency.as_millis() as u64,
             prompt_tokens = usage.prompt_tokens,
             completion_tokens = usage.completion_tokens,
             cost_usd = record.cost,
             attempts = record.attempts,
             fallbacks = record.fallbacks,
+            metadata = %serde_json::Value::Object(record.metadata.clone()),
+            tags = ?record.tags,
             "call finished"
         );
     }
@@ -116,7 +114,7 @@ impl CallHook for LogHook {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::call::Call;
+    use crate::call::{Call, Outcome};
     use crate::providers::Endpoint;
     use std::sync::Mutex;
 

@@ -36,11 +36,11 @@ const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// Why a plugin could not be loaded. The message names the plugin and the file.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
-    #[error("plugin '{plugin}': cannot read {path}: {source}")]
+    #[error("plugin '{plugin}': cannot read {path}: {error}")]
     Read {
         plugin: String,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("plugin '{plugin}': {path} is not a valid component: {reason}")]
     Compile {
@@ -176,6 +176,7 @@ impl PluginRuntime {
         };
         let plugin = Arc::new(LoadedPlugin {
             name: Arc::from(config.name.as_str()),
+            path,
             engine: self.engine.clone(),
             pre,
             exports,
@@ -236,10 +237,10 @@ impl PluginRuntime {
     }
 
     fn compile(&self, name: &str, path: &Path) -> Result<(Component, [u8; 32]), PluginError> {
-        let bytes = std::fs::read(path).map_err(|source| PluginError::Read {
+        let bytes = std::fs::read(path).map_err(|error| PluginError::Read {
             plugin: name.to_owned(),
             path: path.to_owned(),
-            source,
+            error,
         })?;
         let hash: [u8; 32] = Sha256::digest(&bytes).into();
         if let Some(component) = self.lock_cache().get(&hash) {
@@ -253,6 +254,13 @@ impl PluginRuntime {
             })?;
         self.lock_cache().insert(hash, component.clone());
         Ok((component, hash))
+    }
+
+    /// Forgets compiled components that none of `plugins` uses, so replacing plugin files again
+    /// and again does not grow memory. Generations still serving keep theirs alive.
+    pub fn retain_only(&self, plugins: &[Arc<LoadedPlugin>]) {
+        self.lock_cache()
+            .retain(|hash, _| plugins.iter().any(|p| p.content_hash == hex(hash)));
     }
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Component>> {
@@ -353,6 +361,8 @@ impl Exports {
 /// A compiled, checked plugin, ready to be instantiated for calls.
 pub struct LoadedPlugin {
     pub name: Arc<str>,
+    /// The `.wasm` file it was compiled from.
+    pub path: PathBuf,
     engine: Engine,
     pre: InstancePre<StoreState>,
     exports: Exports,

@@ -4,7 +4,7 @@
 use wasmtime::component::{HasSelf, Linker};
 
 use super::store::StoreState;
-use crate::call::{CallRecord, Outcome};
+use crate::call::CallRecord;
 use crate::extension::Candidate;
 use crate::openai::{ApiRequest, TextView};
 
@@ -125,11 +125,6 @@ pub fn candidate(c: &Candidate) -> router::Candidate {
 }
 
 pub fn call_event(record: &CallRecord) -> hook::CallEvent {
-    let (status, error) = match &record.outcome {
-        Outcome::Success => (200, None),
-        Outcome::Failure { status, message } => (*status, Some(message.clone())),
-        Outcome::Cancelled => (499, Some("the client went away".to_owned())),
-    };
     hook::CallEvent {
         call_id: record.call_id.clone(),
         endpoint: record.endpoint.name().to_owned(),
@@ -146,8 +141,8 @@ pub fn call_event(record: &CallRecord) -> hook::CallEvent {
         }),
         cost_usd: record.cost,
         latency_ms: record.latency.as_secs_f64() * 1000.0,
-        status,
-        error,
+        status: record.outcome.status(),
+        error: record.outcome.error().map(str::to_owned),
         attempts: record.attempts,
         fallbacks: record.fallbacks,
         started_at_ms: record

@@ -22,7 +22,9 @@ pub struct Deployment {
     pub rpm: Option<u64>,
     pub tpm: Option<u64>,
     pub prices: Prices,
-    stats: Stats,
+    /// Shared with this deployment's successor in the next generation, so a reload keeps its
+    /// load, latency, usage and cooldown.
+    stats: Arc<Stats>,
 }
 
 #[derive(Debug)]
@@ -78,14 +80,27 @@ impl Deployment {
             rpm,
             tpm,
             prices,
-            stats: Stats {
+            stats: Arc::new(Stats {
                 origin: Instant::now(),
                 in_flight: AtomicU32::new(0),
                 latency_ewma: AtomicU64::new(0),
                 cooldown_until_ms: AtomicU64::new(0),
                 window: Mutex::new(MinuteWindow::default()),
-            },
+            }),
         }
+    }
+
+    /// Takes over `previous`'s live statistics if it is the same deployment: the same id in front
+    /// of the same upstream model. Weights, caps and prices may have changed; the history holds.
+    pub fn continuing(mut self, previous: &Deployment) -> Deployment {
+        let same = previous.id == self.id
+            && previous.upstream.kind == self.upstream.kind
+            && previous.upstream.model == self.upstream.model
+            && previous.upstream.api_base == self.upstream.api_base;
+        if same {
+            self.stats = Arc::clone(&previous.stats);
+        }
+        self
     }
 
     fn now_ms(&self) -> u64 {

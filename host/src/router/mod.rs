@@ -46,8 +46,13 @@ pub struct Router {
 }
 
 impl Router {
-    /// Builds the model groups of `config`, routed by `strategy`.
-    pub fn new(config: &Config, strategy: Arc<dyn RoutingStrategy>) -> Router {
+    /// Builds the model groups of `config`, routed by `strategy`. Deployments that `previous` (the
+    /// generation being replaced) also had keep their live statistics.
+    pub fn new(
+        config: &Config,
+        strategy: Arc<dyn RoutingStrategy>,
+        previous: Option<&Router>,
+    ) -> Router {
         let router = &config.router;
         let mut groups: HashMap<String, Vec<Arc<Deployment>>> = HashMap::new();
         let mut names = Vec::new();
@@ -85,6 +90,11 @@ impl Router {
                 model.tpm,
                 prices,
             );
+            let deployment = match previous.and_then(|p| p.deployment(&model.name, &deployment.id))
+            {
+                Some(old) => deployment.continuing(old),
+                None => deployment,
+            };
             if !groups.contains_key(&model.name) {
                 names.push(model.name.clone());
             }
@@ -108,6 +118,15 @@ impl Router {
 
     pub fn has_group(&self, name: &str) -> bool {
         self.groups.contains_key(name)
+    }
+
+    /// The deployment `id` of `group`, if this router has it.
+    pub fn deployment(&self, group: &str, id: &str) -> Option<&Deployment> {
+        self.groups
+            .get(group)?
+            .iter()
+            .find(|d| d.id == id)
+            .map(|d| &**d)
     }
 
     /// Group names in config order.
@@ -197,6 +216,7 @@ mod tests {
         Router::new(
             &config,
             strategy::builtin(strategy::StrategyName::SimpleShuffle),
+            None,
         )
     }
 

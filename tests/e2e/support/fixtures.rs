@@ -123,3 +123,41 @@ pub fn stream_error(response: &SseResponse) -> Option<Value> {
 
 /// Generous bound for things that should happen "promptly" on a loaded 2-core CI machine.
 pub const PROMPTLY: Duration = Duration::from_secs(5);
+
+/// Starts a gateway on `config` that logs one JSON object per line, so tests can read the
+/// fields of its `call finished` records instead of matching text.
+pub async fn start_json_logs(config: &str, upstream: &MockUpstream) -> Gateway {
+    Gateway::builder(&fill(config, upstream))
+        .env("PORTCULLIS_LOG_FORMAT", "json")
+        .start()
+        .await
+}
+
+/// The fields of every `call finished` line in JSON-format logs, in order.
+pub fn call_records(logs: &str) -> Vec<Value> {
+    logs.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line.pointer("/fields/message") == Some(&json!("call finished")))
+        .filter_map(|line| line.get("fields").cloned())
+        .collect()
+}
+
+/// Waits until the gateway (started with [`start_json_logs`]) has logged `count` call records;
+/// panics with the logs otherwise. Records are written off the request path, so they may trail
+/// the response.
+pub async fn wait_for_call_records(gateway: &Gateway, count: usize) -> Vec<Value> {
+    let started = std::time::Instant::now();
+    loop {
+        let records = call_records(&gateway.logs());
+        if records.len() >= count {
+            return records;
+        }
+        assert!(
+            started.elapsed() < PROMPTLY,
+            "{} of {count} `call finished` records after {PROMPTLY:?}; logs:\n{}",
+            records.len(),
+            gateway.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
