@@ -10,7 +10,7 @@ use crate::providers::{Endpoint, JsonObject, Usage};
 use crate::router::Deployment;
 
 /// What the pipeline knows about one request so far. Stages fill it in order.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Call {
     /// Unique per request; in every log line, header and hook event about it.
     pub id: String,

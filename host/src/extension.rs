@@ -84,14 +84,93 @@ pub fn ready<'a, T: Send + 'a>(value: T) -> BoxFuture<'a, T> {
     Box::pin(std::future::ready(value))
 }
 
-/// Checks requests before they are routed.
+/// A guardrail's answer about a whole response.
+#[derive(Debug, Clone)]
+pub enum ResponseVerdict {
+    Allow,
+    Block {
+        reason: String,
+    },
+    /// New texts for some choices, by choice index.
+    Rewrite(Vec<(usize, String)>),
+}
+
+/// One streamed piece of a choice's text, as a streaming guardrail sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamDelta<'a> {
+    pub choice_index: u32,
+    /// The new text, after whatever this guardrail held back before it.
+    pub text: &'a str,
+    /// What this guardrail has released for the choice so far.
+    pub released: &'a str,
+    /// The choice's last delta: nothing may be held any more.
+    pub finished: bool,
+}
+
+/// The most text one streaming guardrail may hold back for one choice. A guardrail that holds
+/// more is broken: text would pile up without reaching the client.
+pub const MAX_HELD_BYTES: usize = 16 * 1024;
+
+/// A streaming guardrail's answer about one delta.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamVerdict {
+    /// Send this text (the delta, possibly rewritten) on.
+    Release(String),
+    /// Keep the delta back; it is prepended to the next one.
+    Hold,
+    /// End the stream with an error event.
+    Block { reason: String },
+}
+
+/// One guardrail's view of one stream: its deltas arrive in order, so it may keep state.
+pub trait StreamCheck: Send {
+    fn check<'a>(
+        &'a mut self,
+        delta: StreamDelta<'a>,
+    ) -> BoxFuture<'a, Result<StreamVerdict, crate::error::GatewayError>>;
+}
+
+/// Releases every delta as it is: the stream check of guardrails that do not look at streams.
+#[derive(Debug)]
+pub struct ReleaseAll;
+
+impl StreamCheck for ReleaseAll {
+    fn check<'a>(
+        &'a mut self,
+        delta: StreamDelta<'a>,
+    ) -> BoxFuture<'a, Result<StreamVerdict, crate::error::GatewayError>> {
+        ready(Ok(StreamVerdict::Release(delta.text.to_owned())))
+    }
+}
+
+/// Checks requests (before or while they are routed), whole responses, and streams.
 pub trait Guardrail: Send + Sync + fmt::Debug {
     fn name(&self) -> &str;
+
     fn check_request<'a>(
         &'a self,
         call: &'a crate::call::Call,
         request: &'a crate::openai::ApiRequest,
     ) -> BoxFuture<'a, Result<Verdict, crate::error::GatewayError>>;
+
+    /// `response` is the upstream's whole answer in OpenAI's shape.
+    fn check_response<'a>(
+        &'a self,
+        _call: &'a crate::call::Call,
+        _request: &'a crate::openai::ApiRequest,
+        _response: &'a crate::providers::JsonObject,
+    ) -> BoxFuture<'a, Result<ResponseVerdict, crate::error::GatewayError>> {
+        ready(Ok(ResponseVerdict::Allow))
+    }
+
+    /// A checker for one stream of this call.
+    fn open_stream(
+        &self,
+        _call: &crate::call::Call,
+        _request: &crate::openai::ApiRequest,
+    ) -> Box<dyn StreamCheck> {
+        Box::new(ReleaseAll)
+    }
 }
 
 /// Runs after a call ended, off the request path; `record.outcome` says how it ended.

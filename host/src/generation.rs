@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::config::{Config, StrategyName};
+use crate::config::{Config, GuardrailMode, StrategyName};
 use crate::extension::{CallHook, Enricher, Guardrail, RoutingStrategy};
 use crate::pipeline::authenticate::KeyTable;
 use crate::pipeline::post_call::{LogHook, PostCallQueue};
@@ -21,6 +21,7 @@ use crate::router::{strategy, Router};
 #[derive(Debug)]
 pub struct GuardrailSlot {
     pub guardrail: Arc<dyn Guardrail>,
+    pub mode: GuardrailMode,
     /// Runs on every call, not only when the key or the request names it.
     pub default_on: bool,
     /// Logs its verdict without acting on it.
@@ -57,7 +58,7 @@ pub struct Generation {
     pub keys: KeyTable,
     pub router: Router,
     pub enrichers: Vec<Arc<dyn Enricher>>,
-    /// Pre-call guardrails, in configured order.
+    /// Guardrails of every mode, in configured order.
     pub guardrails: Vec<GuardrailSlot>,
     pub hooks: Arc<[Arc<dyn CallHook>]>,
     /// The enabled plugins, in configured order.
@@ -85,6 +86,7 @@ impl Generation {
             if plugin.is_guardrail() {
                 guardrails.push(GuardrailSlot {
                     guardrail: Arc::new(WasmGuardrail::new(Arc::clone(plugin), settings.on_error)),
+                    mode: settings.mode,
                     default_on: settings.default_on,
                     monitor: settings.monitor,
                 });

@@ -9,18 +9,14 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use support::client;
 use support::fixtures::{assert_error, chat, start, MASTER, PROMPTLY};
-use support::{wait_until, Fault, Gateway, MockUpstream, TempDir};
+use support::{wait_until, wasm, Fault, Gateway, MockUpstream, TempDir};
 
 /// Where `plugins/build` puts the shipped plugins.
 fn plugin_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release");
     for name in ["pii_mask", "team_defaults", "least_latency", "audit_log"] {
-        assert!(
-            dir.join(format!("{name}.wasm")).is_file(),
-            "{name}.wasm is missing: run plugins/build first (tests/run does)"
-        );
+        wasm::built(name);
     }
-    dir
+    wasm::dir()
 }
 
 /// A config with one upstream group `gpt-4o-mini` and the given `plugins.enabled` entries.

@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,25 +12,13 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::client;
 use support::fixtures::{chat, MASTER};
-use support::{Gateway, TempDir};
+use support::{wasm, Gateway, TempDir};
 
 /// The promise: a change is serving within this long of the file being written.
 const TAKES_EFFECT: Duration = Duration::from_secs(2);
 /// For the many-reloads test, where each wait is one of a hundred on a loaded machine.
 const PATIENCE: Duration = Duration::from_secs(10);
 const EMAIL: &str = "write to jane.doe@example.com please";
-
-fn built_wasm(crate_name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/wasm32-wasip2/release")
-        .join(format!("{crate_name}.wasm"));
-    assert!(
-        path.is_file(),
-        "{} is missing: tests/run builds it",
-        path.display()
-    );
-    path
-}
 
 /// A gateway config whose plugins live in `dir`, with `enabled` as `plugins.enabled`.
 fn config(dir: &Path, enabled: &str) -> String {
@@ -197,7 +185,7 @@ async fn enable_drop_replace_and_disable_a_plugin_in_a_running_gateway() {
 
     // Dropping the file in (a plain copy, not atomic) makes the same config load.
     let guard = plugins.path().join("guard.wasm");
-    std::fs::copy(built_wasm("pii_mask"), &guard).expect("copy pii_mask.wasm");
+    std::fs::copy(wasm::built("pii_mask"), &guard).expect("copy pii_mask.wasm");
     let took = wait_for_status(&gateway, TAKES_EFFECT, "the dropped plugin", |s| {
         s["plugins"][0]["name"] == "guard"
     })
@@ -212,7 +200,7 @@ async fn enable_drop_replace_and_disable_a_plugin_in_a_running_gateway() {
     // A new version of the file: another component under the same name, which allows all.
     write_atomically(
         &guard,
-        &std::fs::read(built_wasm("misbehave")).expect("read misbehave.wasm"),
+        &std::fs::read(wasm::built("misbehave")).expect("read misbehave.wasm"),
     );
     let took = wait_for_status(&gateway, TAKES_EFFECT, "the replaced plugin", |s| {
         s["plugins"][0]["sha256"] != first_hash && s["plugins"][0]["name"] == "guard"
@@ -237,9 +225,9 @@ async fn enable_drop_replace_and_disable_a_plugin_in_a_running_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_reloads_alternating_good_and_broken_fail_no_request() {
     let plugins = TempDir::new("portcullis-plugins");
-    std::fs::copy(built_wasm("pii_mask"), plugins.path().join("guard.wasm")).expect("copy");
+    std::fs::copy(wasm::built("pii_mask"), plugins.path().join("guard.wasm")).expect("copy");
     std::fs::copy(
-        built_wasm("misbehave"),
+        wasm::built("misbehave"),
         plugins.path().join("rejecting.wasm"),
     )
     .expect("copy");

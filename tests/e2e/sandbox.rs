@@ -10,16 +10,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::client;
 use support::fixtures::{assert_error, chat};
-use support::{Gateway, TempDir};
+use support::{wasm, Gateway, TempDir};
 
 fn misbehave_wasm() -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/wasm32-wasip2/release/misbehave.wasm");
-    assert!(
-        path.is_file(),
-        "misbehave.wasm is missing: run `cargo build --release --target wasm32-wasip2 -p misbehave` (tests/run does)"
-    );
-    path
+    wasm::built("misbehave")
 }
 
 /// A gateway on the mock provider with the misbehaving plugin as a default-on guardrail.

@@ -216,6 +216,11 @@ pub enum GuardrailMode {
     /// Before the upstream call, in configured order; a rewrite feeds the next guardrail.
     #[default]
     PreCall,
+    /// While the upstream call runs; a block cancels it. Nothing reaches the client before the
+    /// verdict. Rewrites come too late to matter and are ignored.
+    DuringCall,
+    /// On the response: a whole one, or each streamed delta.
+    PostCall,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

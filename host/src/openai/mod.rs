@@ -1,8 +1,10 @@
 //! The client-facing wire format: OpenAI's request bodies, checked once into [`ApiRequest`].
 
 mod request;
+mod response;
 
 pub use request::{ApiRequest, TextView};
+pub use response::{choice_texts, set_choice_text, ChoiceText};
 
 use serde_json::Value;
 

@@ -1,6 +1,7 @@
 //! The fixed pipeline every API call goes through, in this order:
 //!
-//! authenticate → validate → enrich → guardrails (pre-call) → route → respond → post-call
+//! authenticate → validate → enrich → guardrails (pre-call) → route (with during-call
+//! guardrails) → guardrails (post-call) → respond → post-call hooks
 //!
 //! Each stage is a module named after it; [`handle`] calls them in order and is the only place the
 //! order is written down. Any stage may end the call with a [`GatewayError`], which becomes an
@@ -43,9 +44,13 @@ where
     let span = tracing::info_span!("call", call_id = %call.id, endpoint = endpoint.path());
     async move {
         match run(&generation, &mut call, &headers, body).await {
-            Ok((routed, include_usage)) => {
-                respond::respond(generation, call, routed, include_usage)
-            }
+            Ok(ready) => respond::respond(
+                generation,
+                call,
+                ready.routed,
+                ready.include_usage,
+                ready.stream_guards,
+            ),
             Err(err) => {
                 let response = respond::error_response(&err, Some(&call.id));
                 if err.status().is_server_error() {
@@ -76,7 +81,7 @@ async fn run<B>(
     call: &mut Call,
     headers: &HeaderMap,
     body: B,
-) -> Result<(route::Routed, bool), GatewayError>
+) -> Result<Ready, GatewayError>
 where
     B: Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
@@ -94,8 +99,37 @@ where
         generation.router.has_group(&call.model),
     )?;
     guardrails::pre_call(generation, call, &mut request).await?;
-    let routed = route::route(generation, call, &request).await?;
-    Ok((routed, request.include_usage))
+    let during = guardrails::DuringCall::select(generation, call, &request);
+    let stream_guards = guardrails::StreamGuards::select(generation, call, &request);
+    let mut routed = match &during {
+        None => route::route(generation, call, &request).await?,
+        Some(during) => {
+            let (routed, outcomes) = during
+                .run(&request, route::route(generation, call, &request))
+                .await;
+            call.guardrails.extend(outcomes);
+            routed?
+        }
+    };
+    if let route::Answer::Whole(response) = &mut routed.answer {
+        // Known before the guardrails look, so a blocked answer is still paid for in the record.
+        if let Some(usage) = crate::providers::Usage::from_object(response) {
+            call.set_usage(usage);
+        }
+        guardrails::post_call(generation, call, &request, response).await?;
+    }
+    Ok(Ready {
+        routed,
+        include_usage: request.include_usage,
+        stream_guards,
+    })
+}
+
+/// A call that has its upstream answer, ready to respond with.
+struct Ready {
+    routed: route::Routed,
+    include_usage: bool,
+    stream_guards: Option<guardrails::StreamGuards>,
 }
 
 /// `GET /v1/models`: the model groups the caller's key may use, in OpenAI's list shape.

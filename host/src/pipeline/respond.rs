@@ -17,6 +17,7 @@ use serde_json::Value;
 use crate::call::{Call, Outcome};
 use crate::error::GatewayError;
 use crate::generation::Generation;
+use crate::pipeline::guardrails::StreamGuards;
 use crate::pipeline::route::{Answer, Routed};
 use crate::providers::{ChunkStream, JsonObject, Usage};
 use crate::router::{Deployment, InFlight};
@@ -54,12 +55,14 @@ pub fn error_response(err: &GatewayError, call_id: Option<&str>) -> Response<Res
 
 const CALL_ID: HeaderName = HeaderName::from_static("x-portcullis-call-id");
 
-/// Builds the client's response from the upstream's answer.
+/// Builds the client's response from the upstream's answer. `guards` check a stream's text on
+/// its way to the client.
 pub fn respond(
     generation: Arc<Generation>,
     mut call: Call,
     routed: Routed,
     include_usage: bool,
+    guards: Option<StreamGuards>,
 ) -> Response<ResponseBody> {
     let Routed {
         deployment,
@@ -100,7 +103,7 @@ pub fn respond(
                 deployment,
                 in_flight,
             };
-            let body = StreamBody::new(client_stream(end, first, rest, include_usage));
+            let body = StreamBody::new(client_stream(end, first, rest, include_usage, guards));
             *response.body_mut() = BodyExt::boxed_unsync(body);
             response
         }
@@ -158,11 +161,14 @@ fn client_stream(
     first: JsonObject,
     rest: ChunkStream,
     include_usage: bool,
+    guards: Option<StreamGuards>,
 ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send {
     let state = StreamState {
         pending_first: Some(first),
         rest,
         include_usage,
+        guards,
+        template: None,
         end: Some(end),
     };
     stream::unfold(state, |mut state| async move {
@@ -190,6 +196,14 @@ fn client_stream(
                         chunk.shift_remove("usage");
                     }
                     set_model(&mut chunk, &end.call.requested_model);
+                    if state.template.is_none() {
+                        state.template = Some(chunk_template(&chunk));
+                    }
+                    if let Some(guards) = state.guards.as_mut() {
+                        if let Err(err) = guards.filter(&mut chunk).await {
+                            return Some((Ok(Frame::data(state.fail(err))), state));
+                        }
+                    }
                     let Ok(json) = serde_json::to_vec(&chunk) else {
                         continue;
                     };
@@ -198,20 +212,26 @@ fn client_stream(
                 Some(Err(err)) => {
                     let err = GatewayError::from(err);
                     tracing::warn!(call_id = %end.call.id, error = %err, "upstream stream failed");
-                    let frame = sse::encode_data(err.to_json().to_string().as_bytes());
-                    if let Some(end) = state.end.take() {
-                        end.finish(Outcome::Failure {
-                            status: err.status().as_u16(),
-                            message: err.to_string(),
-                        });
-                    }
-                    return Some((Ok(Frame::data(frame)), state));
+                    return Some((Ok(Frame::data(state.fail(err))), state));
                 }
                 None => {
-                    if let Some(end) = state.end.take() {
-                        end.finish(Outcome::Success);
+                    let mut tail = Vec::new();
+                    if let Some(guards) = state.guards.as_mut() {
+                        match guards.flush().await {
+                            Ok(released) => {
+                                for (index, text) in released {
+                                    let chunk = state.released_chunk(index, text);
+                                    if let Ok(json) = serde_json::to_vec(&chunk) {
+                                        tail.extend_from_slice(&sse::encode_data(&json));
+                                    }
+                                }
+                            }
+                            Err(err) => return Some((Ok(Frame::data(state.fail(err))), state)),
+                        }
                     }
-                    return Some((Ok(Frame::data(Bytes::from_static(sse::DONE))), state));
+                    tail.extend_from_slice(sse::DONE);
+                    state.finish(Outcome::Success);
+                    return Some((Ok(Frame::data(Bytes::from(tail))), state));
                 }
             }
         }
@@ -222,8 +242,50 @@ struct StreamState {
     pending_first: Option<JsonObject>,
     rest: ChunkStream,
     include_usage: bool,
+    guards: Option<StreamGuards>,
+    /// The first chunk's `id`, `object`, `created` and `model`, for chunks the gateway adds.
+    template: Option<JsonObject>,
     /// Taken when the stream ends; still here on drop means the client went away.
     end: Option<StreamEnd>,
+}
+
+impl StreamState {
+    /// Ends the stream for `err`: the call is recorded as failed, the client gets an error event.
+    fn fail(&mut self, err: GatewayError) -> Bytes {
+        self.finish(Outcome::Failure {
+            status: err.status().as_u16(),
+            message: err.to_string(),
+        });
+        sse::encode_data(err.to_json().to_string().as_bytes())
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        if let Some(mut end) = self.end.take() {
+            if let Some(guards) = &self.guards {
+                end.call.guardrails.extend(guards.outcomes());
+            }
+            end.finish(outcome);
+        }
+    }
+
+    /// A chunk carrying text a guardrail released only when the stream ended.
+    fn released_chunk(&self, index: u32, text: String) -> JsonObject {
+        let mut chunk = self.template.clone().unwrap_or_default();
+        let choice = if chunk.get("object").and_then(Value::as_str) == Some("text_completion") {
+            serde_json::json!({ "index": index, "text": text, "finish_reason": null })
+        } else {
+            serde_json::json!({ "index": index, "delta": { "content": text }, "finish_reason": null })
+        };
+        chunk.insert("choices".into(), Value::Array(vec![choice]));
+        chunk
+    }
+}
+
+fn chunk_template(chunk: &JsonObject) -> JsonObject {
+    ["id", "object", "created", "model"]
+        .iter()
+        .filter_map(|field| Some(((*field).to_owned(), chunk.get(*field)?.clone())))
+        .collect()
 }
 
 struct StreamEnd {
@@ -249,9 +311,9 @@ impl StreamEnd {
 impl Drop for StreamState {
     fn drop(&mut self) {
         // Dropping the upstream stream here closes its connection: the upstream stops generating.
-        if let Some(end) = self.end.take() {
+        if let Some(end) = &self.end {
             tracing::info!(call_id = %end.call.id, "client went away mid-stream");
-            end.finish(Outcome::Cancelled);
+            self.finish(Outcome::Cancelled);
         }
     }
 }

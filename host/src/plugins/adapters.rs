@@ -3,15 +3,16 @@
 use std::sync::Arc;
 
 use super::v0_1::{self, enricher, guardrail};
-use super::{CallScope, LoadedPlugin, PluginFailure};
+use super::{CallScope, LoadedPlugin, PluginFailure, StreamSession};
 use crate::call::{Call, CallRecord, Outcome};
 use crate::config::OnError;
 use crate::error::GatewayError;
 use crate::extension::{
-    BoxFuture, CallHook, Candidate, Enricher, Enrichment, Guardrail, RouteRequest, RoutingStrategy,
-    Verdict,
+    BoxFuture, CallHook, Candidate, Enricher, Enrichment, Guardrail, ResponseVerdict, RouteRequest,
+    RoutingStrategy, StreamCheck, StreamDelta, StreamVerdict, Verdict, MAX_HELD_BYTES,
 };
 use crate::openai::ApiRequest;
+use crate::providers::JsonObject;
 
 fn scope(call: &Call, request: &ApiRequest) -> CallScope {
     CallScope {
@@ -76,6 +77,93 @@ impl Guardrail for WasmGuardrail {
                 }
                 Err(failure) => on_failure(failure, self.on_error, &call.id, Verdict::Allow),
             }
+        })
+    }
+
+    fn check_response<'a>(
+        &'a self,
+        call: &'a Call,
+        request: &'a ApiRequest,
+        response: &'a JsonObject,
+    ) -> BoxFuture<'a, Result<ResponseVerdict, GatewayError>> {
+        Box::pin(async move {
+            let view = v0_1::request(call, request);
+            let answer = v0_1::response(response);
+            let verdict = self
+                .plugin
+                .check_response(scope(call, request), &view, &answer)
+                .await;
+            match verdict {
+                Ok(guardrail::ResponseVerdict::Allow) => Ok(ResponseVerdict::Allow),
+                Ok(guardrail::ResponseVerdict::Block(reason)) => {
+                    Ok(ResponseVerdict::Block { reason })
+                }
+                Ok(guardrail::ResponseVerdict::Rewrite(rewrites)) => Ok(ResponseVerdict::Rewrite(
+                    rewrites
+                        .into_iter()
+                        .map(|r| (r.index as usize, r.text))
+                        .collect(),
+                )),
+                Err(failure) => {
+                    on_failure(failure, self.on_error, &call.id, ResponseVerdict::Allow)
+                }
+            }
+        })
+    }
+
+    fn open_stream(&self, call: &Call, request: &ApiRequest) -> Box<dyn StreamCheck> {
+        Box::new(WasmStreamCheck {
+            session: Some(StreamSession::new(
+                Arc::clone(&self.plugin),
+                scope(call, request),
+            )),
+            on_error: self.on_error,
+            call_id: call.id.clone(),
+        })
+    }
+}
+
+/// A guardrail plugin's check of one stream. After a failure with `on_error: allow` the rest of
+/// the stream passes unchecked; with `block` the stream ends.
+struct WasmStreamCheck {
+    /// `None` once the plugin failed.
+    session: Option<StreamSession>,
+    on_error: OnError,
+    call_id: String,
+}
+
+impl StreamCheck for WasmStreamCheck {
+    fn check<'a>(
+        &'a mut self,
+        delta: StreamDelta<'a>,
+    ) -> BoxFuture<'a, Result<StreamVerdict, GatewayError>> {
+        Box::pin(async move {
+            let release = StreamVerdict::Release(delta.text.to_owned());
+            let Some(session) = self.session.as_mut() else {
+                return Ok(release);
+            };
+            let failure = match session.check(&v0_1::stream_delta(delta)).await {
+                Ok(guardrail::StreamVerdict::Release(text)) => {
+                    return Ok(StreamVerdict::Release(text))
+                }
+                Ok(guardrail::StreamVerdict::Block(reason)) => {
+                    return Ok(StreamVerdict::Block { reason })
+                }
+                Ok(guardrail::StreamVerdict::Hold)
+                    if !delta.finished && delta.text.len() <= MAX_HELD_BYTES =>
+                {
+                    return Ok(StreamVerdict::Hold)
+                }
+                // Holding the last delta, or without bound, keeps text back for ever.
+                Ok(guardrail::StreamVerdict::Hold) => session.plugin.trap(format!(
+                    "it held back {} bytes of a stream{}",
+                    delta.text.len(),
+                    if delta.finished { " at its end" } else { "" }
+                )),
+                Err(failure) => failure,
+            };
+            self.session = None;
+            on_failure(failure, self.on_error, &self.call_id, release)
         })
     }
 }

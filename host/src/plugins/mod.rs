@@ -506,6 +506,22 @@ impl LoadedPlugin {
         .await
     }
 
+    async fn check_response(
+        &self,
+        scope: CallScope,
+        request: &v0_1::types::Request,
+        response: &v0_1::types::Response,
+    ) -> Result<guardrail::ResponseVerdict, PluginFailure> {
+        let Some(indices) = &self.exports.guardrail else {
+            return Ok(guardrail::ResponseVerdict::Allow);
+        };
+        self.with_instance(scope, async |store, instance| {
+            let guest = indices.load(&mut *store, instance)?;
+            guest.call_check_response(store, request, response).await
+        })
+        .await
+    }
+
     async fn enrich(
         &self,
         scope: CallScope,
@@ -555,5 +571,63 @@ impl LoadedPlugin {
             }
         })
         .await
+    }
+}
+
+/// One instance that sees a whole stream, delta by delta, as `check-stream` promises. It is
+/// started at the first delta, so a stream without text costs nothing, and dropped with the
+/// stream, or at its first failure: a trapped store is never entered again.
+pub struct StreamSession {
+    plugin: Arc<LoadedPlugin>,
+    scope: Option<CallScope>,
+    live: Option<Live>,
+}
+
+impl std::fmt::Debug for StreamSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamSession")
+            .field("plugin", &self.plugin.name)
+            .field("started", &self.live.is_some())
+            .finish()
+    }
+}
+
+impl StreamSession {
+    pub fn new(plugin: Arc<LoadedPlugin>, scope: CallScope) -> StreamSession {
+        StreamSession {
+            plugin,
+            scope: Some(scope),
+            live: None,
+        }
+    }
+
+    /// Each delta gets the plugin's whole time limit (the first one including the start).
+    async fn check(
+        &mut self,
+        delta: &v0_1::types::StreamDelta,
+    ) -> Result<guardrail::StreamVerdict, PluginFailure> {
+        let plugin = &self.plugin;
+        let Some(indices) = &plugin.exports.guardrail else {
+            return Ok(guardrail::StreamVerdict::Release(delta.text.clone()));
+        };
+        let deadline = Instant::now() + plugin.timeout;
+        let mut live = match self.live.take() {
+            Some(live) => live,
+            None => {
+                let scope = self.scope.take().unwrap_or_default();
+                plugin.instantiate(scope, deadline).await?
+            }
+        };
+        let call = async {
+            let guest = indices.load(&mut live.store, &live.instance)?;
+            guest.call_check_stream(&mut live.store, delta).await
+        };
+        let verdict = match tokio::time::timeout_at(deadline, call).await {
+            Err(_) => Err(plugin.timed_out()),
+            Ok(Err(e)) => Err(plugin.failed(&e)),
+            Ok(Ok(verdict)) => Ok(verdict),
+        }?;
+        self.live = Some(live);
+        Ok(verdict)
     }
 }

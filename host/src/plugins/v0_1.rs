@@ -6,7 +6,8 @@ use wasmtime::component::{HasSelf, Linker};
 use super::store::StoreState;
 use crate::call::CallRecord;
 use crate::extension::Candidate;
-use crate::openai::{ApiRequest, TextView};
+use crate::openai::{self, ApiRequest, TextView};
+use crate::providers::{JsonObject, Usage};
 
 wasmtime::component::bindgen!({
     path: "../plugin-sdk/wit/0.1.0",
@@ -92,6 +93,43 @@ pub fn request(call: &crate::call::Call, request: &ApiRequest) -> types::Request
     }
 }
 
+/// The response record plugins see, from a whole OpenAI response.
+pub fn response(object: &JsonObject) -> types::Response {
+    types::Response {
+        model: object
+            .get("model")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        choices: openai::choice_texts(object)
+            .into_iter()
+            .map(|choice| types::Choice {
+                index: choice.index as u32,
+                text: choice.text,
+                finish_reason: choice.finish_reason,
+            })
+            .collect(),
+        usage: Usage::from_object(object).map(usage),
+    }
+}
+
+fn usage(u: Usage) -> types::Usage {
+    types::Usage {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        total_tokens: u.total_tokens,
+    }
+}
+
+pub fn stream_delta(delta: crate::extension::StreamDelta<'_>) -> types::StreamDelta {
+    types::StreamDelta {
+        choice_index: delta.choice_index,
+        text: delta.text.to_owned(),
+        released: delta.released.to_owned(),
+        finished: delta.finished,
+    }
+}
+
 fn message(view: TextView) -> types::Message {
     types::Message {
         role: view.role,
@@ -134,11 +172,7 @@ pub fn call_event(record: &CallRecord) -> hook::CallEvent {
         deployment: record.deployment.clone(),
         stream: record.stream,
         end_user: record.end_user.clone(),
-        usage: record.usage.map(|u| types::Usage {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            total_tokens: u.total_tokens,
-        }),
+        usage: record.usage.map(usage),
         cost_usd: record.cost,
         latency_ms: record.latency.as_secs_f64() * 1000.0,
         status: record.outcome.status(),

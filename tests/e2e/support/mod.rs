@@ -5,6 +5,7 @@ pub mod client;
 pub mod fixtures;
 pub mod gateway;
 pub mod mock_upstream;
+pub mod wasm;
 
 use std::time::{Duration, Instant};
 

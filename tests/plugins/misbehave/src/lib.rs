@@ -1,7 +1,9 @@
 //! A plugin that misbehaves as its config says, so tests can prove the gateway contains it.
 //!
-//! Config: `{"init": "ok" | "slow" | "reject", "check": "allow" | "loop" | "oom" | "trap" | "probe"}`.
-//! `probe` blocks with a JSON report of what the sandbox let it see (files, environment, clocks).
+//! Config: `{"init": "ok" | "slow" | "reject", "check": "allow" | "block" | "loop" | "oom" | "trap" |
+//! "probe", "delay_ms": N}`. `probe` blocks with a JSON report of what the sandbox let it see
+//! (files, environment, clocks). `delay_ms` makes each check take that long first (it needs the
+//! clocks granted).
 //! As a router it always answers an index that does not exist.
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,6 +21,8 @@ pub struct Misbehave {
     init: Init,
     #[serde(default)]
     check: Check,
+    #[serde(default)]
+    delay_ms: u64,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -35,6 +39,7 @@ enum Init {
 enum Check {
     #[default]
     Allow,
+    Block,
     Loop,
     Oom,
     Trap,
@@ -54,8 +59,13 @@ impl Plugin for Misbehave {
 
 impl Guardrail for Misbehave {
     fn check_request(&self, _request: &Request) -> RequestVerdict {
+        let started = std::time::Instant::now();
+        while started.elapsed().as_millis() < u128::from(self.delay_ms) {
+            std::hint::spin_loop();
+        }
         match self.check {
             Check::Allow => RequestVerdict::Allow,
+            Check::Block => RequestVerdict::Block("blocked on purpose".into()),
             Check::Loop => spin_forever(),
             Check::Oom => hog_memory(),
             Check::Trap => panic!("misbehave: trapping on purpose"),
