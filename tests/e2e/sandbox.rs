@@ -254,3 +254,55 @@ async fn plugins_spinning_in_loops_do_not_stall_other_calls() {
         assert_error(&response, 500, "plugin_error");
     }
 }
+
+/// The reasons of `n` calls in a row (the `count` check blocks with `call N`).
+async fn reasons(gateway: &Gateway, n: usize) -> Vec<String> {
+    let mut reasons = Vec::new();
+    for _ in 0..n {
+        let response = call(gateway).await;
+        let body = response.json();
+        reasons.push(match body["error"]["message"].as_str() {
+            Some(message) if response.status == 400 => {
+                message.rsplit(": ").next().unwrap_or_default().to_owned()
+            }
+            _ => format!("{} {}", response.status, body["error"]["type"]),
+        });
+    }
+    reasons
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_gets_a_fresh_instance_unless_the_plugin_is_pooled() {
+    let fresh = Gateway::start(&config("config: { check: count }", "")).await;
+    assert_eq!(reasons(&fresh, 3).await, ["call 1", "call 1", "call 1"]);
+
+    let pooled = Gateway::start(&config(
+        "instance: pooled, recycle_after: 3, config: { check: count }",
+        "",
+    ))
+    .await;
+    // One warm instance serves calls in turn until it has served three, then a new one starts.
+    assert_eq!(
+        reasons(&pooled, 5).await,
+        ["call 1", "call 2", "call 3", "call 1", "call 2"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_instance_that_traps_is_replaced() {
+    let gateway = Gateway::start(&config(
+        "instance: pooled, config: { check: count, trap_at: 2 }",
+        "",
+    ))
+    .await;
+    assert_eq!(
+        reasons(&gateway, 4).await,
+        [
+            "call 1",
+            "500 \"plugin_error\"",
+            "call 1",
+            "500 \"plugin_error\""
+        ]
+    );
+    assert_healthy(&gateway).await;
+}

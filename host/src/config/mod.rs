@@ -203,6 +203,14 @@ pub struct PluginConfig {
     pub on_error: OnError,
     #[serde(default)]
     pub limits: PluginLimits,
+    /// `fresh`: a new instance for every call, so no call sees another's data. `pooled`: warm
+    /// instances reused, one call at a time.
+    #[serde(default)]
+    pub instance: InstanceMode,
+    /// With `instance: pooled`: how many calls one instance serves before it is replaced. Any
+    /// failure replaces it at once.
+    #[serde(default = "default_recycle_after")]
+    pub recycle_after: u32,
     #[serde(default)]
     pub capabilities: Capabilities,
     /// Handed to the plugin's `init` as JSON.
@@ -221,6 +229,18 @@ pub enum GuardrailMode {
     DuringCall,
     /// On the response: a whole one, or each streamed delta.
     PostCall,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceMode {
+    #[default]
+    Fresh,
+    Pooled,
+}
+
+fn default_recycle_after() -> u32 {
+    1000
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -411,6 +431,12 @@ impl Config {
                 return Err(ConfigError::field(
                     format!("{at}.limits.memory_mb"),
                     format!("must be between 1 and {MAX_PLUGIN_MEMORY_MB}"),
+                ));
+            }
+            if plugin.recycle_after == 0 {
+                return Err(ConfigError::field(
+                    format!("{at}.recycle_after"),
+                    "must be at least 1",
                 ));
             }
             if plugin.limits.timeout_ms == 0 {

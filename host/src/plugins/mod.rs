@@ -28,10 +28,13 @@ pub use store::CallScope;
 use store::{Sandbox, StoreState};
 use v0_1::{enricher, guardrail, hook, lifecycle, router};
 
-use crate::config::{Config as GatewayConfig, PluginConfig, MAX_PLUGIN_MEMORY_MB};
+use crate::config::{Config as GatewayConfig, InstanceMode, PluginConfig, MAX_PLUGIN_MEMORY_MB};
 
 /// How often the epoch advances: the granularity of plugin deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
+/// Warm instances a pooled plugin keeps between calls; more are started under load and dropped
+/// when they finish.
+const MAX_IDLE_INSTANCES: usize = 32;
 
 /// Why a plugin could not be loaded. The message names the plugin and the file.
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +186,10 @@ impl PluginRuntime {
             config_json,
             sandbox,
             timeout: Duration::from_millis(config.limits.timeout_ms),
+            pool: (config.instance == InstanceMode::Pooled).then(|| Pool {
+                idle: Mutex::new(Vec::new()),
+                recycle_after: config.recycle_after,
+            }),
             content_hash: hex(&hash),
             failures: AtomicU64::new(0),
         });
@@ -369,6 +376,8 @@ pub struct LoadedPlugin {
     config_json: String,
     sandbox: Sandbox,
     timeout: Duration,
+    /// Warm instances, for `instance: pooled`.
+    pool: Option<Pool>,
     /// SHA-256 of the `.wasm` file.
     pub content_hash: String,
     failures: AtomicU64,
@@ -384,10 +393,42 @@ impl std::fmt::Debug for LoadedPlugin {
     }
 }
 
-/// A live instance serving one call.
+/// A live instance serving one call (or, pooled, one call at a time).
 struct Live {
     store: Store<StoreState>,
     instance: Instance,
+    /// Calls served so far.
+    uses: u32,
+}
+
+/// The idle warm instances of a pooled plugin.
+struct Pool {
+    idle: Mutex<Vec<Live>>,
+    recycle_after: u32,
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Live>> {
+        // A Vec of whole instances stays consistent even if a holder panicked.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take(&self) -> Option<Live> {
+        self.lock().pop()
+    }
+
+    /// Keeps `live` for another call unless it has served its share.
+    fn give_back(&self, mut live: Live) {
+        live.uses += 1;
+        // The next call must not see this one's request through the host imports.
+        live.store.data_mut().scope = CallScope::default();
+        if live.uses < self.recycle_after {
+            let mut idle = self.lock();
+            if idle.len() < MAX_IDLE_INSTANCES {
+                idle.push(live);
+            }
+        }
+    }
 }
 
 impl LoadedPlugin {
@@ -446,23 +487,39 @@ impl LoadedPlugin {
             Err(_) => Err(self.timed_out()),
             Ok(Err(e)) => Err(self.failed(&e)),
             Ok(Ok(Err(reason))) => Err(self.trap(format!("init rejected the config: {reason}"))),
-            Ok(Ok(Ok(instance))) => Ok(Live { store, instance }),
+            Ok(Ok(Ok(instance))) => Ok(Live {
+                store,
+                instance,
+                uses: 0,
+            }),
         }
     }
 
-    /// Runs `call` on a fresh instance within the plugin's deadline.
+    /// Runs `call` within the plugin's deadline on a fresh instance, or on a warm one if the
+    /// plugin is pooled. An instance that failed is dropped, never used again.
     async fn with_instance<T>(
         &self,
         scope: CallScope,
         call: impl AsyncFnOnce(&mut Store<StoreState>, &Instance) -> wasmtime::Result<T>,
     ) -> Result<T, PluginFailure> {
         let deadline = Instant::now() + self.timeout;
-        let mut live = self.instantiate(scope, deadline).await?;
-        match tokio::time::timeout_at(deadline, call(&mut live.store, &live.instance)).await {
-            Err(_) => Err(self.timed_out()),
-            Ok(Err(e)) => Err(self.failed(&e)),
-            Ok(Ok(value)) => Ok(value),
+        let mut live = match self.pool.as_ref().and_then(Pool::take) {
+            Some(mut live) => {
+                live.store.data_mut().scope = scope;
+                live
+            }
+            None => self.instantiate(scope, deadline).await?,
+        };
+        let value =
+            match tokio::time::timeout_at(deadline, call(&mut live.store, &live.instance)).await {
+                Err(_) => return Err(self.timed_out()),
+                Ok(Err(e)) => return Err(self.failed(&e)),
+                Ok(Ok(value)) => value,
+            };
+        if let Some(pool) = &self.pool {
+            pool.give_back(live);
         }
+        Ok(value)
     }
 
     fn timed_out(&self) -> PluginFailure {

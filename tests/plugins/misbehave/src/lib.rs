@@ -1,11 +1,13 @@
 //! A plugin that misbehaves as its config says, so tests can prove the gateway contains it.
 //!
 //! Config: `{"init": "ok" | "slow" | "reject", "check": "allow" | "block" | "loop" | "oom" | "trap" |
-//! "probe", "delay_ms": N}`. `probe` blocks with a JSON report of what the sandbox let it see
-//! (files, environment, clocks). `delay_ms` makes each check take that long first (it needs the
-//! clocks granted).
+//! "probe" | "count", "delay_ms": N, "trap_at": N}`. `probe` blocks with a JSON report of what the
+//! sandbox let it see (files, environment, clocks). `count` blocks with `call N`, N counting the
+//! checks this instance has served, and traps at call `trap_at`: it shows instance reuse.
+//! `delay_ms` makes each check take that long first (it needs the clocks granted).
 //! As a router it always answers an index that does not exist.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use portcullis_plugin_sdk::{
@@ -23,6 +25,10 @@ pub struct Misbehave {
     check: Check,
     #[serde(default)]
     delay_ms: u64,
+    #[serde(default)]
+    trap_at: Option<u32>,
+    #[serde(skip)]
+    calls: AtomicU32,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -44,6 +50,7 @@ enum Check {
     Oom,
     Trap,
     Probe,
+    Count,
 }
 
 impl Plugin for Misbehave {
@@ -70,6 +77,13 @@ impl Guardrail for Misbehave {
             Check::Oom => hog_memory(),
             Check::Trap => panic!("misbehave: trapping on purpose"),
             Check::Probe => RequestVerdict::Block(probe()),
+            Check::Count => {
+                let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+                if self.trap_at == Some(n) {
+                    panic!("misbehave: trapping at call {n} on purpose");
+                }
+                RequestVerdict::Block(format!("call {n}"))
+            }
         }
     }
 }
