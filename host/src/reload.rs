@@ -107,7 +107,7 @@ impl Reloader {
         config: Config,
         parts: generation::Shared,
     ) -> Result<Arc<Reloader>, GenerationError> {
-        let inputs = read_inputs(&std::fs::read(&config_path).unwrap_or_default(), &config);
+        let inputs = read_inputs(config.text_hash, &config);
         let generation = Generation::build(config, &parts, None).await?;
         Ok(Arc::new(Reloader {
             config_path,
@@ -168,6 +168,8 @@ impl Reloader {
             }
             Err(e) => warn!(error = %e, "cannot watch files; reload with SIGHUP instead"),
         }
+        // A save between the first load and the watch starting made no event: look once.
+        self.wake.notify_one();
         let reloader = Arc::clone(self);
         tokio::spawn(async move { reloader.run().await });
     }
@@ -204,8 +206,8 @@ impl Reloader {
                 .map_err(|e| ConfigError::Syntax(format!("the file is not UTF-8: {e}")))
                 .and_then(|text| Config::from_file_text(&path, text));
             Ok::<_, ConfigError>(match config {
-                Ok(config) => (read_inputs(&text, &config), Ok(config)),
-                Err(e) => (config_only_inputs(&text), Err(e)),
+                Ok(config) => (read_inputs(config.text_hash, &config), Ok(config)),
+                Err(e) => (config_only_inputs(Sha256::digest(&text).into()), Err(e)),
             })
         })
         .await;
@@ -243,7 +245,10 @@ impl Reloader {
                 let number = generation.number;
                 let plugins = generation.plugins.clone();
                 self.current.store(Arc::new(generation));
-                self.parts.plugins.retain_only(&plugins);
+                // The previous generation's components stay too: switching back costs nothing.
+                self.parts
+                    .plugins
+                    .retain_only(&[&plugins, &previous.plugins]);
                 let took = changed_at.elapsed();
                 {
                     let mut status = self.lock_status();
@@ -258,10 +263,15 @@ impl Reloader {
                 );
                 Reloaded::Swapped(number)
             }
-            Err(error) => self.failed(ReloadError::Generation {
-                path: self.config_path.clone(),
-                error,
-            }),
+            Err(error) => {
+                // A build can fail for reasons outside its files (an `init` slow under load):
+                // the next event tries again rather than taking the same files as known bad.
+                *attempt = None;
+                self.failed(ReloadError::Generation {
+                    path: self.config_path.clone(),
+                    error,
+                })
+            }
         }
     }
 
@@ -366,16 +376,16 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
-fn config_only_inputs(text: &[u8]) -> Inputs {
+fn config_only_inputs(text_hash: [u8; 32]) -> Inputs {
     Inputs {
-        config: Sha256::digest(text).into(),
+        config: text_hash,
         plugins: Vec::new(),
     }
 }
 
-/// Hashes the config text and every enabled plugin file. Blocking: call it off the runtime.
-fn read_inputs(text: &[u8], config: &Config) -> Inputs {
-    let mut inputs = config_only_inputs(text);
+/// The config's hash and every enabled plugin file's. Blocking: call it off the runtime.
+fn read_inputs(text_hash: [u8; 32], config: &Config) -> Inputs {
+    let mut inputs = config_only_inputs(text_hash);
     for plugin in &config.plugins.enabled {
         let path = config.plugin_path(plugin);
         let hash = std::fs::read(&path)

@@ -171,11 +171,11 @@ async fn the_local_echo_streams_through_the_guardrail_word_by_word() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn during_call_block_cancels_an_upstream_call_that_would_never_answer() {
     let upstream = MockUpstream::start().await;
-    // A guardrail slow enough (300 ms) that the upstream call is surely under way when it blocks.
+    // A guardrail slow enough (1 s) that the upstream call is surely under way when it blocks.
     let yaml = config("mode: during_call").replace(
         "    - { name: pii, path: pii_mask.wasm, default_on: true, mode: during_call }",
         &format!(
-            "    - {{ name: pii, path: \"{}\", default_on: true, mode: during_call, limits: {{ timeout_ms: 5000 }}, capabilities: {{ clocks: true }}, config: {{ check: block, delay_ms: 300 }} }}",
+            "    - {{ name: pii, path: \"{}\", default_on: true, mode: during_call, limits: {{ timeout_ms: 5000 }}, capabilities: {{ clocks: true }}, config: {{ check: block, delay_ms: 1000 }} }}",
             wasm::built("misbehave").display()
         ),
     );

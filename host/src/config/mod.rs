@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use sha2::Digest;
 
 use crate::providers::ProviderKind;
 
@@ -28,6 +29,10 @@ pub struct Config {
     /// The directory of the config file: relative paths in the config start here.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// SHA-256 of the text this config was parsed from, so a reload can tell what it was built
+    /// from without reading the file again.
+    #[serde(skip)]
+    pub text_hash: [u8; 32],
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -354,10 +359,12 @@ impl Config {
         text: &str,
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
+        let text_hash = sha2::Sha256::digest(text.as_bytes()).into();
         let mut value: serde_yaml::Value = serde_yaml::from_str(text)
             .map_err(|e| ConfigError::Syntax(format!("the file is not valid YAML: {e}")))?;
         env::expand(&mut value, lookup)?;
-        let config: Config = serde_path_to_error::deserialize(value).map_err(describe_error)?;
+        let mut config: Config = serde_path_to_error::deserialize(value).map_err(describe_error)?;
+        config.text_hash = text_hash;
         config.check()?;
         Ok(config)
     }
@@ -699,5 +706,20 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/portcullis.yaml");
         let text = std::fs::read_to_string(path).expect("example config exists");
         Config::parse(&text, &|_| None).expect("example config serves with no secrets");
+    }
+
+    #[test]
+    fn shipped_example_plugins_block_is_valid_once_uncommented() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/portcullis.yaml");
+        let text = std::fs::read_to_string(path).expect("example config exists");
+        let (head, commented) = text.split_once("# plugins:").expect("a plugins example");
+        let block: String = commented
+            .lines()
+            .map(|line| line.strip_prefix("# ").unwrap_or(line))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config = Config::parse(&format!("{head}plugins:{block}\n"), &|_| None)
+            .expect("the plugins example parses");
+        assert_eq!(config.plugins.enabled.len(), 3);
     }
 }

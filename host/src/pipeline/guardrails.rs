@@ -58,6 +58,11 @@ fn monitored(name: &str, outcome: &str) {
     );
 }
 
+/// A monitor's failure is logged like its verdicts: it never fails the call.
+fn monitor_failed(name: &str, err: &GatewayError) {
+    tracing::warn!(guardrail = name, error = %err, "guardrail failed (monitor only)");
+}
+
 fn blocked(name: &str, reason: String) -> GatewayError {
     GatewayError::Blocked {
         guardrail: name.to_owned(),
@@ -88,6 +93,10 @@ pub async fn pre_call(
             Ok(verdict) => verdict,
             Err(err) => {
                 call.guardrails.push((name.to_owned(), "error"));
+                if slot.monitor {
+                    monitor_failed(name, &err);
+                    continue;
+                }
                 return Err(err);
             }
         };
@@ -172,6 +181,7 @@ impl<'g> DuringCall<'g> {
                     };
                     outcomes.push((name.to_owned(), outcome));
                     match verdict {
+                        Err(err) if slot.monitor => monitor_failed(name, &err),
                         Err(err) => return (Err(err), outcomes),
                         Ok(Verdict::Block { reason }) if !slot.monitor => {
                             return (Err(blocked(name, reason)), outcomes);
@@ -219,7 +229,10 @@ pub async fn post_call(
         };
         call.guardrails.push((name.to_owned(), outcome));
         if slot.monitor {
-            monitored(name, outcome);
+            match &verdict {
+                Err(err) => monitor_failed(name, err),
+                Ok(_) => monitored(name, outcome),
+            }
             continue;
         }
         match verdict? {
@@ -262,7 +275,26 @@ struct StreamGuard {
 #[derive(Default)]
 struct ChoiceText {
     held: String,
+    /// The end of what was released (at most [`RELEASED_TAIL`] bytes): the context a match cut
+    /// by an earlier release continues from. Whole, it would make each delta cost more than the
+    /// last.
     released: String,
+}
+
+/// How much released text each delta shows a guardrail.
+const RELEASED_TAIL: usize = 4 * 1024;
+
+impl ChoiceText {
+    fn release(&mut self, text: &str) {
+        self.released.push_str(text);
+        if self.released.len() > 2 * RELEASED_TAIL {
+            let mut cut = self.released.len() - RELEASED_TAIL;
+            while !self.released.is_char_boundary(cut) {
+                cut += 1;
+            }
+            self.released.drain(..cut);
+        }
+    }
 }
 
 fn choice_of(choices: &mut Vec<(u32, ChoiceText)>, index: u32) -> &mut ChoiceText {
@@ -299,17 +331,25 @@ impl StreamGuard {
         };
         let verdict = self.check.check(delta).await;
         let (outcome, passed) = match verdict {
+            Err(err) if monitor => {
+                self.outcome = "error";
+                monitor_failed(&self.name, &err);
+                return Ok(text);
+            }
             Err(err) => {
                 self.outcome = "error";
                 return Err(err);
             }
             Ok(StreamVerdict::Release(out)) => {
                 let outcome = if out == input { "allow" } else { "rewrite" };
-                state.released.push_str(&out);
+                state.release(&out);
                 (outcome, out)
             }
             Ok(StreamVerdict::Hold) if finished || input.len() > MAX_HELD_BYTES => {
                 self.outcome = "error";
+                if monitor {
+                    return Ok(text);
+                }
                 return Err(GatewayError::PluginFailed(format!(
                     "guardrail '{}' held back {} bytes of a stream{}",
                     self.name,
@@ -326,7 +366,7 @@ impl StreamGuard {
                     self.outcome = "block";
                     return Err(blocked(&self.name, reason));
                 }
-                state.released.push_str(&input);
+                state.release(&input);
                 ("block", input)
             }
         };
@@ -442,6 +482,18 @@ mod tests {
             } else {
                 StreamVerdict::Hold
             }))
+        }
+    }
+
+    /// Answers every delta the same.
+    struct Always(fn() -> Result<StreamVerdict, GatewayError>);
+
+    impl StreamCheck for Always {
+        fn check<'a>(
+            &'a mut self,
+            _delta: StreamDelta<'a>,
+        ) -> BoxFuture<'a, Result<StreamVerdict, GatewayError>> {
+            ready((self.0)())
         }
     }
 
@@ -561,26 +613,40 @@ mod tests {
 
     #[tokio::test]
     async fn holding_the_last_delta_or_too_much_is_an_error() {
-        struct Hoarder;
-        impl StreamCheck for Hoarder {
-            fn check<'a>(
-                &'a mut self,
-                _delta: StreamDelta<'a>,
-            ) -> BoxFuture<'a, Result<StreamVerdict, GatewayError>> {
-                ready(Ok(StreamVerdict::Hold))
-            }
-        }
-        let mut g = guards(vec![(false, Box::new(Hoarder))]);
+        let mut g = guards(vec![(false, Box::new(Always(|| Ok(StreamVerdict::Hold))))]);
         let out = run(&mut g, &[("a", false), ("b", true)]).await;
         assert!(
             out[1].as_ref().is_err_and(|e| e.contains("at its end")),
             "{out:?}"
         );
 
-        let mut g = guards(vec![(false, Box::new(Hoarder))]);
+        let mut g = guards(vec![(false, Box::new(Always(|| Ok(StreamVerdict::Hold))))]);
         let big = "x".repeat(MAX_HELD_BYTES);
         let out = run(&mut g, &[(&big, false), ("y", false)]).await;
         assert_eq!(out[0], Ok("".into()));
         assert!(out[1].is_err(), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failing_monitor_changes_nothing_and_released_text_stays_bounded() {
+        let mut g = guards(vec![(
+            true,
+            Box::new(Always(|| Err(GatewayError::PluginFailed("boom".into())))),
+        )]);
+        let out = run(&mut g, &[("a", false), ("b", true)]).await;
+        assert_eq!(out, [Ok("a".into()), Ok("b".into())]);
+        assert_eq!(g.outcomes(), [("g0".to_owned(), "error")]);
+
+        let mut g = guards(vec![(false, Box::new(Marking(Vec::new())))]);
+        let piece = "é".repeat(100);
+        let deltas: Vec<(&str, bool)> = (0..500).map(|_| (piece.as_str(), false)).collect();
+        run(&mut g, &deltas).await;
+        let released = &g.guards[0].choices[0].1.released;
+        assert!(
+            released.len() <= 2 * RELEASED_TAIL + piece.len() + 1,
+            "{}",
+            released.len()
+        );
+        assert!(released.ends_with(&format!("{piece}!")));
     }
 }

@@ -26,7 +26,7 @@ use tracing::Instrument;
 use crate::call::{Call, Outcome};
 use crate::error::GatewayError;
 use crate::generation::Generation;
-use crate::providers::Endpoint;
+use crate::providers::{Endpoint, JsonObject, Usage};
 use respond::ResponseBody;
 
 /// Runs one API call through every stage and always returns a response.
@@ -112,10 +112,7 @@ where
         }
     };
     if let route::Answer::Whole(response) = &mut routed.answer {
-        // Known before the guardrails look, so a blocked answer is still paid for in the record.
-        if let Some(usage) = crate::providers::Usage::from_object(response) {
-            call.set_usage(usage);
-        }
+        take_usage(call, &routed.deployment, response);
         guardrails::post_call(generation, call, &request, response).await?;
     }
     Ok(Ready {
@@ -123,6 +120,15 @@ where
         include_usage: request.include_usage,
         stream_guards,
     })
+}
+
+/// Counts a whole answer's usage for the call and the deployment as soon as it arrives, so an
+/// answer a guardrail then refuses is still paid for and counted against the caps.
+fn take_usage(call: &mut Call, deployment: &crate::router::Deployment, response: &JsonObject) {
+    if let Some(usage) = Usage::from_object(response) {
+        call.set_usage(usage);
+        deployment.record_tokens(usage.total_tokens);
+    }
 }
 
 /// A call that has its upstream answer, ready to respond with.

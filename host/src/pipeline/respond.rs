@@ -19,7 +19,7 @@ use crate::error::GatewayError;
 use crate::generation::Generation;
 use crate::pipeline::guardrails::StreamGuards;
 use crate::pipeline::route::{Answer, Routed};
-use crate::providers::{ChunkStream, JsonObject, Usage};
+use crate::providers::{ChunkStream, Endpoint, JsonObject, Usage};
 use crate::router::{Deployment, InFlight};
 use crate::sse;
 
@@ -59,7 +59,7 @@ const CALL_ID: HeaderName = HeaderName::from_static("x-portcullis-call-id");
 /// its way to the client.
 pub fn respond(
     generation: Arc<Generation>,
-    mut call: Call,
+    call: Call,
     routed: Routed,
     include_usage: bool,
     guards: Option<StreamGuards>,
@@ -71,10 +71,7 @@ pub fn respond(
     } = routed;
     match answer {
         Answer::Whole(mut object) => {
-            if let Some(usage) = Usage::from_object(&object) {
-                call.set_usage(usage);
-                deployment.record_tokens(usage.total_tokens);
-            }
+            // Usage was taken when the answer arrived (pipeline::take_usage).
             set_model(&mut object, &call.requested_model);
             let body = match serde_json::to_vec(&object) {
                 Ok(bytes) => Bytes::from(bytes),
@@ -212,23 +209,21 @@ fn client_stream(
                 Some(Err(err)) => {
                     let err = GatewayError::from(err);
                     tracing::warn!(call_id = %end.call.id, error = %err, "upstream stream failed");
-                    return Some((Ok(Frame::data(state.fail(err))), state));
+                    // What a guardrail held back was checked text: it goes out before the error.
+                    let mut tail = match state.flush_guards().await {
+                        Ok(tail) => tail,
+                        Err(guard_err) => {
+                            return Some((Ok(Frame::data(state.fail(guard_err))), state))
+                        }
+                    };
+                    tail.extend_from_slice(&state.fail(err));
+                    return Some((Ok(Frame::data(Bytes::from(tail))), state));
                 }
                 None => {
-                    let mut tail = Vec::new();
-                    if let Some(guards) = state.guards.as_mut() {
-                        match guards.flush().await {
-                            Ok(released) => {
-                                for (index, text) in released {
-                                    let chunk = state.released_chunk(index, text);
-                                    if let Ok(json) = serde_json::to_vec(&chunk) {
-                                        tail.extend_from_slice(&sse::encode_data(&json));
-                                    }
-                                }
-                            }
-                            Err(err) => return Some((Ok(Frame::data(state.fail(err))), state)),
-                        }
-                    }
+                    let mut tail = match state.flush_guards().await {
+                        Ok(tail) => tail,
+                        Err(err) => return Some((Ok(Frame::data(state.fail(err))), state)),
+                    };
                     tail.extend_from_slice(sse::DONE);
                     state.finish(Outcome::Success);
                     return Some((Ok(Frame::data(Bytes::from(tail))), state));
@@ -268,10 +263,28 @@ impl StreamState {
         }
     }
 
+    /// The SSE frames of text the guardrails still held when the upstream stream ended.
+    async fn flush_guards(&mut self) -> Result<Vec<u8>, GatewayError> {
+        let Some(guards) = self.guards.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let mut frames = Vec::new();
+        for (index, text) in guards.flush().await? {
+            if let Ok(json) = serde_json::to_vec(&self.released_chunk(index, text)) {
+                frames.extend_from_slice(&sse::encode_data(&json));
+            }
+        }
+        Ok(frames)
+    }
+
     /// A chunk carrying text a guardrail released only when the stream ended.
     fn released_chunk(&self, index: u32, text: String) -> JsonObject {
         let mut chunk = self.template.clone().unwrap_or_default();
-        let choice = if chunk.get("object").and_then(Value::as_str) == Some("text_completion") {
+        let completions = self
+            .end
+            .as_ref()
+            .is_some_and(|end| end.call.endpoint == Endpoint::Completions);
+        let choice = if completions {
             serde_json::json!({ "index": index, "text": text, "finish_reason": null })
         } else {
             serde_json::json!({ "index": index, "delta": { "content": text }, "finish_reason": null })

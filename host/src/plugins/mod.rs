@@ -265,9 +265,14 @@ impl PluginRuntime {
 
     /// Forgets compiled components that none of `plugins` uses, so replacing plugin files again
     /// and again does not grow memory. Generations still serving keep theirs alive.
-    pub fn retain_only(&self, plugins: &[Arc<LoadedPlugin>]) {
-        self.lock_cache()
-            .retain(|hash, _| plugins.iter().any(|p| p.content_hash == hex(hash)));
+    pub fn retain_only(&self, generations: &[&[Arc<LoadedPlugin>]]) {
+        self.lock_cache().retain(|hash, _| {
+            let hash = hex(hash);
+            generations
+                .iter()
+                .flat_map(|g| g.iter())
+                .any(|p| p.content_hash == hash)
+        });
     }
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Component>> {
@@ -284,10 +289,11 @@ fn base_config() -> Config {
 
 fn pooled_engine() -> wasmtime::Result<Engine> {
     let mut pool = PoolingAllocationConfig::default();
-    pool.total_component_instances(1_000)
-        .total_core_instances(4_000)
-        .total_memories(2_000)
-        .total_tables(2_000)
+    // Long streams each hold a guardrail instance: room for thousands of them at once.
+    pool.total_component_instances(4_000)
+        .total_core_instances(8_000)
+        .total_memories(4_000)
+        .total_tables(4_000)
         .max_memory_size((MAX_PLUGIN_MEMORY_MB as usize) << 20);
     let mut config = base_config();
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));

@@ -91,12 +91,14 @@ impl Deployment {
     }
 
     /// Takes over `previous`'s live statistics if it is the same deployment: the same id in front
-    /// of the same upstream model. Weights, caps and prices may have changed; the history holds.
+    /// of the same upstream model with the same key (a new key may well end a cooldown that the
+    /// old one earned). Weights, caps and prices may have changed; the history holds.
     pub fn continuing(mut self, previous: &Deployment) -> Deployment {
         let same = previous.id == self.id
             && previous.upstream.kind == self.upstream.kind
             && previous.upstream.model == self.upstream.model
-            && previous.upstream.api_base == self.upstream.api_base;
+            && previous.upstream.api_base == self.upstream.api_base
+            && previous.upstream.api_key == self.upstream.api_key;
         if same {
             self.stats = Arc::clone(&previous.stats);
         }

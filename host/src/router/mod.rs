@@ -129,6 +129,11 @@ impl Router {
             .map(|d| &**d)
     }
 
+    /// The strategy that picks among a group's deployments.
+    pub fn strategy(&self) -> &Arc<dyn RoutingStrategy> {
+        &self.strategy
+    }
+
     /// Group names in config order.
     pub fn group_names(&self) -> &[String] {
         &self.names

@@ -1,0 +1,234 @@
+//! What one plugin call costs inside the gateway: each shipped plugin (and a no-op guardrail as
+//! the floor) called through the pipeline's traits, with a fresh instance per call and with a
+//! warm pooled one, as latency percentiles over many calls.
+//!
+//! ```sh
+//! plugins/build && cargo build --release --target wasm32-wasip2 -p misbehave
+//! cargo bench -p portcullis --bench plugin_calls            # PLUGIN_CALLS=5000 for more calls
+//! ```
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use portcullis::call::{Call, Outcome};
+use portcullis::config::Config;
+use portcullis::extension::{Candidate, RouteRequest};
+use portcullis::generation::{self, Generation};
+use portcullis::openai::ApiRequest;
+use portcullis::pipeline::authenticate::Principal;
+use portcullis::pipeline::post_call::PostCallQueue;
+use portcullis::plugins::PluginRuntime;
+use portcullis::providers::{Endpoint, UpstreamClient};
+
+/// A plugin under test: its YAML entry (without `instance`) and the kind of call to make.
+struct Case {
+    name: &'static str,
+    entry: String,
+    kind: Kind,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Guardrail,
+    Enricher,
+    Router,
+    Hook,
+}
+
+fn wasm_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release")
+}
+
+fn cases(audit_dir: &std::path::Path) -> Vec<Case> {
+    let entry = |name: &str, file: &str, rest: &str| {
+        format!("{{ name: {name}, path: {file}.wasm, default_on: true, {rest} }}")
+    };
+    vec![
+        Case {
+            name: "no-op guardrail",
+            entry: entry("noop", "misbehave", "config: { check: allow }"),
+            kind: Kind::Guardrail,
+        },
+        Case {
+            name: "pii-mask (pre-call, mask)",
+            entry: entry("pii", "pii_mask", "config: { action: mask }"),
+            kind: Kind::Guardrail,
+        },
+        Case {
+            name: "team-defaults (enricher)",
+            entry: entry(
+                "teams",
+                "team_defaults",
+                "config: { teams: { research: { tags: [r], metadata: { cc: 42 } } } }",
+            ),
+            kind: Kind::Enricher,
+        },
+        Case {
+            name: "least-latency (router)",
+            entry: entry("least-latency", "least_latency", "config: {}"),
+            kind: Kind::Router,
+        },
+        Case {
+            name: "audit-log (hook)",
+            entry: entry(
+                "audit",
+                "audit_log",
+                &format!(
+                    "capabilities: {{ dirs: [{{ host: \"{}\", guest: /audit, write: true }}] }}",
+                    audit_dir.display()
+                ),
+            ),
+            kind: Kind::Hook,
+        },
+    ]
+}
+
+async fn generation(entry: &str, kind: Kind, pooled: bool) -> Generation {
+    let instance = if pooled { "instance: pooled, " } else { "" };
+    let entry = entry.replacen("{ ", &format!("{{ {instance}"), 1);
+    let router = match kind {
+        Kind::Router => "router: { strategy: least-latency }\n",
+        _ => "",
+    };
+    let yaml = format!(
+        "models:\n  - {{ name: g, provider: mock, id: a }}\n  - {{ name: g, provider: mock, id: b }}\n  - {{ name: g, provider: mock, id: c }}\nplugins:\n  dir: \"{}\"\n  enabled:\n    - {entry}\n{router}",
+        wasm_dir().display()
+    );
+    let config = Config::parse(&yaml, &|_| None).expect("a valid bench config");
+    let shared = generation::Shared {
+        client: UpstreamClient::new(),
+        post_call: PostCallQueue::start(16),
+        plugins: PluginRuntime::new().expect("the engine"),
+    };
+    Generation::build(config, &shared, None)
+        .await
+        .expect("the plugin loads (did plugins/build run?)")
+}
+
+/// A chat of about 2 KB, one address in it, from a key with a team.
+fn request() -> (Call, ApiRequest) {
+    let filler = "The quarterly report covers revenue, churn and hiring plans. ".repeat(30);
+    let body = serde_json::json!({
+        "model": "g",
+        "messages": [
+            {"role": "system", "content": "You are a careful assistant."},
+            {"role": "user", "content": format!("{filler} Mail it to jane.doe@example.com.")}
+        ]
+    });
+    let body = body.as_object().cloned().expect("an object");
+    let request = ApiRequest::from_object(Endpoint::ChatCompletions, body).expect("valid");
+    let mut call = Call::new(Endpoint::ChatCompletions);
+    call.principal = Some(Arc::new(Principal {
+        alias: Some("bench".into()),
+        team: Some("research".into()),
+        models: None,
+        guardrails: Vec::new(),
+        is_master: false,
+    }));
+    call.requested_model = "g".into();
+    call.model = "g".into();
+    (call, request)
+}
+
+fn candidates() -> Vec<Candidate> {
+    ["a", "b", "c"]
+        .iter()
+        .enumerate()
+        .map(|(i, id)| Candidate {
+            id: (*id).into(),
+            weight: 1,
+            in_flight: i as u32,
+            latency_ms: Some(100.0 + i as f64),
+            rpm_used: 0,
+            tpm_used: 0,
+            rpm_limit: None,
+            tpm_limit: None,
+            input_cost_per_token: 0.0,
+            output_cost_per_token: 0.0,
+        })
+        .collect()
+}
+
+async fn one_call(generation: &Generation, kind: Kind, call: &Call, request: &ApiRequest) {
+    match kind {
+        Kind::Guardrail => {
+            let slot = &generation.guardrails[0];
+            slot.guardrail
+                .check_request(call, request)
+                .await
+                .expect("a verdict");
+        }
+        Kind::Enricher => {
+            generation.enrichers[0]
+                .enrich(call, request)
+                .await
+                .expect("an enrichment");
+        }
+        Kind::Router => {
+            let route = RouteRequest {
+                call_id: &call.id,
+                group: "g",
+                estimated_tokens: 500,
+                stream: false,
+            };
+            let offered = candidates();
+            generation.router.strategy().choose(&route, &offered).await;
+        }
+        Kind::Hook => {
+            let record = call.record(Outcome::Success);
+            generation.hooks[1].on_call_end(&record).await;
+        }
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index].as_secs_f64() * 1e6
+}
+
+async fn measure(generation: &Generation, kind: Kind, calls: usize) -> (f64, f64) {
+    let (call, request) = request();
+    for _ in 0..calls / 10 {
+        one_call(generation, kind, &call, &request).await;
+    }
+    let mut times = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let started = Instant::now();
+        one_call(generation, kind, &call, &request).await;
+        times.push(started.elapsed());
+    }
+    times.sort_unstable();
+    (percentile(&times, 0.5), percentile(&times, 0.99))
+}
+
+fn main() {
+    let calls: usize = std::env::var("PLUGIN_CALLS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2000);
+    let audit = std::env::temp_dir().join(format!("portcullis-bench-audit-{}", std::process::id()));
+    std::fs::create_dir_all(&audit).expect("a temp dir");
+    // One worker thread, as the gateway's request tasks see it on a loaded core.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    println!("{calls} calls each; microseconds per call, measured in-process\n");
+    println!("| plugin | fresh p50 | fresh p99 | pooled p50 | pooled p99 |");
+    println!("|---|---:|---:|---:|---:|");
+    for case in cases(&audit) {
+        let (fresh, pooled) = runtime.block_on(async {
+            let fresh = generation(&case.entry, case.kind, false).await;
+            let fresh = measure(&fresh, case.kind, calls).await;
+            let pooled = generation(&case.entry, case.kind, true).await;
+            let pooled = measure(&pooled, case.kind, calls).await;
+            (fresh, pooled)
+        });
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            case.name, fresh.0, fresh.1, pooled.0, pooled.1
+        );
+    }
+    let _ = std::fs::remove_dir_all(&audit);
+}
