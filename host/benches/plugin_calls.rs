@@ -1,6 +1,7 @@
 //! What one plugin call costs inside the gateway: each shipped plugin (and a no-op guardrail as
 //! the floor) called through the pipeline's traits, with a fresh instance per call and with a
-//! warm pooled one, as latency percentiles over many calls.
+//! warm pooled one, as latency percentiles over many calls. Then what a reload costs, from the
+//! moment it starts to the new generation serving (the watcher's 150 ms settle comes on top).
 //!
 //! ```sh
 //! plugins/build && cargo build --release --target wasm32-wasip2 -p misbehave
@@ -203,6 +204,8 @@ async fn measure(generation: &Generation, kind: Kind, calls: usize) -> (f64, f64
 }
 
 fn main() {
+    // As the gateway's own `main` does.
+    portcullis::plugins::quiet_library_backtraces();
     let calls: usize = std::env::var("PLUGIN_CALLS")
         .ok()
         .and_then(|n| n.parse().ok())
@@ -231,4 +234,67 @@ fn main() {
         );
     }
     let _ = std::fs::remove_dir_all(&audit);
+    runtime.block_on(reloads());
+}
+
+/// Reload times: a YAML-only change (the component comes from the cache), and a changed plugin
+/// file (compiled anew).
+async fn reloads() {
+    let dir = std::env::temp_dir().join(format!("portcullis-bench-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let config_path = dir.join("portcullis.yaml");
+    let wasm = dir.join("guard.wasm");
+    let write_config = |tags: usize| {
+        let yaml = format!(
+            "models:\n  - {{ name: g{tags}, provider: mock }}\nplugins:\n  dir: \"{}\"\n  enabled:\n    - {{ name: guard, path: guard.wasm, default_on: true }}\n",
+            dir.display()
+        );
+        std::fs::write(&config_path, yaml).expect("write the config");
+    };
+    let original = std::fs::read(wasm_dir().join("pii_mask.wasm")).expect("pii_mask.wasm");
+    // A custom section makes each round's file new to the cache, so it is compiled again.
+    let version = |round: u8| {
+        let mut bytes = original.clone();
+        bytes.extend_from_slice(&[0, 6, 4, b'b', b'e', b'n', b'c', round]);
+        bytes
+    };
+    std::fs::write(&wasm, version(0)).expect("write a plugin");
+    write_config(0);
+    let config = Config::load(&config_path).expect("a valid config");
+    let parts = generation::Shared {
+        client: UpstreamClient::new(),
+        post_call: PostCallQueue::start(16),
+        plugins: PluginRuntime::new().expect("the engine"),
+    };
+    let reloader = portcullis::reload::Reloader::start(config_path.clone(), config, parts)
+        .await
+        .expect("the first generation");
+    let mut yaml_only = Vec::new();
+    let mut new_file = Vec::new();
+    for round in 1..=10usize {
+        write_config(round);
+        let started = tokio::time::Instant::now();
+        reloader.reload(false, started).await;
+        yaml_only.push(started.elapsed());
+        std::fs::write(&wasm, version(round as u8)).expect("replace the plugin");
+        let started = tokio::time::Instant::now();
+        reloader.reload(false, started).await;
+        new_file.push(started.elapsed());
+    }
+    assert_eq!(reloader.status().failed, 0, "{:?}", reloader.status());
+    yaml_only.sort_unstable();
+    new_file.sort_unstable();
+    println!("\nreload, start to the new generation serving (10 each; milliseconds):\n");
+    println!("| change | p50 | max |\n|---|---:|---:|");
+    for (what, times) in [
+        ("YAML only", &yaml_only),
+        ("plugin file replaced", &new_file),
+    ] {
+        println!(
+            "| {what} | {:.1} | {:.1} |",
+            percentile(times, 0.5) / 1000.0,
+            percentile(times, 1.0) / 1000.0
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

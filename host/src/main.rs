@@ -47,6 +47,7 @@ enum PluginsCommand {
 }
 
 fn main() -> ExitCode {
+    portcullis::plugins::quiet_library_backtraces();
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve) {
         Command::Check => match check(&cli.config) {

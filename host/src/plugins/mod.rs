@@ -281,6 +281,16 @@ impl PluginRuntime {
     }
 }
 
+/// wasmtime makes an error value each time a component store is dropped, and with
+/// `RUST_BACKTRACE` set each one captures a backtrace: about 75,000 instructions, more than the
+/// rest of a fresh plugin call. Library backtraces are turned off unless `RUST_LIB_BACKTRACE`
+/// asks for them; panics keep theirs. Call it first thing in `main`, before any thread starts.
+pub fn quiet_library_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
+}
+
 fn base_config() -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
