@@ -18,9 +18,7 @@ use portcullis::extension::{Candidate, RouteRequest};
 use portcullis::generation::{self, Generation};
 use portcullis::openai::ApiRequest;
 use portcullis::pipeline::authenticate::Principal;
-use portcullis::pipeline::post_call::PostCallQueue;
-use portcullis::plugins::PluginRuntime;
-use portcullis::providers::{Endpoint, UpstreamClient};
+use portcullis::providers::Endpoint;
 
 /// A plugin under test: its YAML entry (without `instance`) and the kind of call to make.
 struct Case {
@@ -97,11 +95,7 @@ async fn generation(entry: &str, kind: Kind, pooled: bool) -> Generation {
         wasm_dir().display()
     );
     let config = Config::parse(&yaml, &|_| None).expect("a valid bench config");
-    let shared = generation::Shared {
-        client: UpstreamClient::new(),
-        post_call: PostCallQueue::start(16),
-        plugins: PluginRuntime::new().expect("the engine"),
-    };
+    let shared = generation::Shared::start(16).expect("the engine");
     Generation::build(config, &shared, None)
         .await
         .expect("the plugin loads (did plugins/build run?)")
@@ -261,11 +255,7 @@ async fn reloads() {
     std::fs::write(&wasm, version(0)).expect("write a plugin");
     write_config(0);
     let config = Config::load(&config_path).expect("a valid config");
-    let parts = generation::Shared {
-        client: UpstreamClient::new(),
-        post_call: PostCallQueue::start(16),
-        plugins: PluginRuntime::new().expect("the engine"),
-    };
+    let parts = generation::Shared::start(16).expect("the engine");
     let reloader = portcullis::reload::Reloader::start(config_path.clone(), config, parts)
         .await
         .expect("the first generation");

@@ -39,6 +39,18 @@ pub struct Shared {
     pub plugins: Arc<PluginRuntime>,
 }
 
+impl Shared {
+    /// Starts what generations share: the upstream client, the post-call worker (on the current
+    /// tokio runtime) with room for `post_call_queue` events, and the WebAssembly engine.
+    pub fn start(post_call_queue: usize) -> Result<Shared, PluginError> {
+        Ok(Shared {
+            client: UpstreamClient::new(),
+            post_call: PostCallQueue::start(post_call_queue),
+            plugins: PluginRuntime::new()?,
+        })
+    }
+}
+
 /// Why a configuration could not become a generation.
 #[derive(Debug, thiserror::Error)]
 pub enum GenerationError {

@@ -425,9 +425,6 @@ fn warn_about_restart_only_changes(old: &Config, new: &Config) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::post_call::PostCallQueue;
-    use crate::plugins::PluginRuntime;
-    use crate::providers::UpstreamClient;
 
     const GOOD: &str = "models:\n  - { name: a, provider: mock }\n";
     const OTHER: &str = "models:\n  - { name: b, provider: mock }\n";
@@ -449,11 +446,7 @@ mod tests {
 
         async fn reloader(&self) -> Arc<Reloader> {
             let config = Config::load(&self.path).expect("valid config");
-            let parts = generation::Shared {
-                client: UpstreamClient::new(),
-                post_call: PostCallQueue::start(8),
-                plugins: PluginRuntime::new().expect("engine"),
-            };
+            let parts = generation::Shared::start(8).expect("engine");
             Reloader::start(self.path.clone(), config, parts)
                 .await
                 .expect("first generation")

@@ -26,11 +26,10 @@ use crate::admin;
 use crate::config::{Config, TlsConfig};
 use crate::error::GatewayError;
 use crate::generation::{self, Generation, GenerationError};
-use crate::pipeline::post_call::PostCallQueue;
 use crate::pipeline::respond::{error_response, json_response, ResponseBody};
 use crate::pipeline::{self};
-use crate::plugins::{PluginError, PluginRuntime};
-use crate::providers::{Endpoint, UpstreamClient};
+use crate::plugins::PluginError;
+use crate::providers::Endpoint;
 use crate::reload::Reloader;
 
 /// Why the server could not start.
@@ -77,11 +76,7 @@ pub async fn serve(
     let tls = config.server.tls.as_ref().map(tls_acceptor).transpose()?;
     let drain = Duration::try_from_secs_f64(config.server.shutdown_drain_s)
         .unwrap_or(Duration::from_secs(30));
-    let shared_parts = generation::Shared {
-        client: UpstreamClient::new(),
-        post_call: PostCallQueue::start(config.server.post_call_queue),
-        plugins: PluginRuntime::new()?,
-    };
+    let shared_parts = generation::Shared::start(config.server.post_call_queue)?;
     let reloader = Reloader::start(config_path, config, shared_parts).await?;
     if reloader.current().keys.is_open() {
         warn!("no keys configured: anyone who can reach this address may call every model");
@@ -188,11 +183,7 @@ async fn accept_tls(
 
 /// Builds the generation `config` would serve, plugins included, and drops it.
 pub async fn check_plugins(config: &Config) -> Result<(), ServerError> {
-    let shared = generation::Shared {
-        client: UpstreamClient::new(),
-        post_call: PostCallQueue::start(1),
-        plugins: PluginRuntime::new()?,
-    };
+    let shared = generation::Shared::start(1)?;
     Generation::build(config.clone(), &shared, None).await?;
     Ok(())
 }

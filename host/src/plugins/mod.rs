@@ -499,15 +499,26 @@ impl LoadedPlugin {
             }
             wasmtime::Result::Ok(Ok(instance))
         };
-        match tokio::time::timeout_at(deadline, run).await {
-            Err(_) => Err(self.timed_out()),
-            Ok(Err(e)) => Err(self.failed(&e)),
-            Ok(Ok(Err(reason))) => Err(self.trap(format!("init rejected the config: {reason}"))),
-            Ok(Ok(Ok(instance))) => Ok(Live {
+        match self.within(deadline, run).await? {
+            Err(reason) => Err(self.trap(format!("init rejected the config: {reason}"))),
+            Ok(instance) => Ok(Live {
                 store,
                 instance,
                 uses: 0,
             }),
+        }
+    }
+
+    /// Runs guest work until `deadline`; a timeout, trap or host error becomes a counted failure.
+    async fn within<T>(
+        &self,
+        deadline: Instant,
+        work: impl std::future::Future<Output = wasmtime::Result<T>>,
+    ) -> Result<T, PluginFailure> {
+        match tokio::time::timeout_at(deadline, work).await {
+            Err(_) => Err(self.timed_out()),
+            Ok(Err(e)) => Err(self.failed(&e)),
+            Ok(Ok(value)) => Ok(value),
         }
     }
 
@@ -526,12 +537,9 @@ impl LoadedPlugin {
             }
             None => self.instantiate(scope, deadline).await?,
         };
-        let value =
-            match tokio::time::timeout_at(deadline, call(&mut live.store, &live.instance)).await {
-                Err(_) => return Err(self.timed_out()),
-                Ok(Err(e)) => return Err(self.failed(&e)),
-                Ok(Ok(value)) => value,
-            };
+        let value = self
+            .within(deadline, call(&mut live.store, &live.instance))
+            .await?;
         if let Some(pool) = &self.pool {
             pool.give_back(live);
         }
@@ -695,11 +703,7 @@ impl StreamSession {
             let guest = indices.load(&mut live.store, &live.instance)?;
             guest.call_check_stream(&mut live.store, delta).await
         };
-        let verdict = match tokio::time::timeout_at(deadline, call).await {
-            Err(_) => Err(plugin.timed_out()),
-            Ok(Err(e)) => Err(plugin.failed(&e)),
-            Ok(Ok(verdict)) => Ok(verdict),
-        }?;
+        let verdict = plugin.within(deadline, call).await?;
         self.live = Some(live);
         Ok(verdict)
     }
