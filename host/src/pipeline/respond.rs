@@ -193,10 +193,11 @@ fn client_stream(
                         chunk.shift_remove("usage");
                     }
                     set_model(&mut chunk, &end.call.requested_model);
-                    if state.template.is_none() {
-                        state.template = Some(chunk_template(&chunk));
-                    }
                     if let Some(guards) = state.guards.as_mut() {
+                        // Only guardrails may need to add chunks of their own at the end.
+                        if state.template.is_none() {
+                            state.template = Some(chunk_template(&chunk));
+                        }
                         if let Err(err) = guards.filter(&mut chunk).await {
                             return Some((Ok(Frame::data(state.fail(err))), state));
                         }
