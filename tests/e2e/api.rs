@@ -89,10 +89,7 @@ async fn openai_chat_overrides_model_and_passes_unknown_fields_through() {
         sent.header("authorization"),
         Some(format!("Bearer {UPSTREAM_KEY}").as_str())
     );
-    // Only `model` changes on the way up: everything else, unknown fields too, arrives as sent.
-    let mut expected = body.clone();
-    expected["model"] = json!("gpt-4o-mini-2024-07-18");
-    assert_eq!(sent.body, expected);
+    assert_forwarded_as_sent(&sent.body, &body, "gpt-4o-mini-2024-07-18");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -759,10 +756,7 @@ async fn openai_compatible_passes_unknown_fields_through_unchanged() {
 
     let sent = upstream.last_request().expect("the upstream was called");
     assert_eq!(sent.path, "/v1/chat/completions");
-    // Only `model` becomes the upstream's id; every other field, unknown ones included, is as sent.
-    let mut expected = body.clone();
-    expected["model"] = json!("llama");
-    assert_eq!(sent.body, expected);
+    assert_forwarded_as_sent(&sent.body, &body, "llama");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -835,4 +829,12 @@ fn local_reply() -> Fault {
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "local answer"}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
     }))
+}
+
+/// Only `model` changes on the way up, to the upstream's id: everything else, unknown fields
+/// too, arrives as the client sent it.
+fn assert_forwarded_as_sent(sent: &Value, body: &Value, upstream_model: &str) {
+    let mut expected = body.clone();
+    expected["model"] = json!(upstream_model);
+    assert_eq!(sent, &expected);
 }
