@@ -37,6 +37,7 @@ pub fn status(reloader: &Reloader, headers: &HeaderMap) -> Response<ResponseBody
                 "kinds": plugin.kinds(),
                 "sha256": plugin.content_hash,
                 "failures": plugin.failures(),
+                "calls": plugin.call_times(),
             })
         })
         .collect();

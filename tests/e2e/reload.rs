@@ -197,6 +197,17 @@ async fn enable_drop_replace_and_disable_a_plugin_in_a_running_gateway() {
     assert!(status["reloads"]["last_error"].is_null(), "{status:#}");
     let first_hash = status["plugins"][0]["sha256"].clone();
     assert!(echo(&gateway).await.contains("[EMAIL]"));
+    // Each plugin's calls are timed.
+    let calls = &admin_status(&gateway).await["plugins"][0]["calls"];
+    assert!(calls["count"].as_u64() >= Some(1), "{calls:#}");
+    assert!(
+        calls["p50_us"].as_f64().is_some_and(|us| us > 0.0),
+        "{calls:#}"
+    );
+    assert!(
+        calls["max_us"].as_f64() >= calls["p99_us"].as_f64(),
+        "{calls:#}"
+    );
 
     // A new version of the file: another component under the same name, which allows all.
     write_atomically(

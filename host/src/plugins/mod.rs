@@ -10,7 +10,10 @@
 
 mod adapters;
 mod store;
+mod timing;
 mod v0_1;
+
+pub use timing::CallSummary;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -192,6 +195,7 @@ impl PluginRuntime {
             }),
             content_hash: hex(&hash),
             failures: AtomicU64::new(0),
+            call_times: timing::CallTimes::default(),
         });
         // A trial instance proves the plugin starts and accepts its config within its limits.
         plugin
@@ -397,6 +401,8 @@ pub struct LoadedPlugin {
     /// SHA-256 of the `.wasm` file.
     pub content_hash: String,
     failures: AtomicU64,
+    /// Every guest call, instantiation included, failed or not.
+    call_times: timing::CallTimes,
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -474,6 +480,11 @@ impl LoadedPlugin {
         self.failures.load(Ordering::Relaxed)
     }
 
+    /// How long its calls have taken since it was loaded.
+    pub fn call_times(&self) -> CallSummary {
+        self.call_times.summary()
+    }
+
     /// A fresh instance with `init` done, or the reason there is none.
     async fn instantiate(
         &self,
@@ -529,7 +540,19 @@ impl LoadedPlugin {
         scope: CallScope,
         call: impl AsyncFnOnce(&mut Store<StoreState>, &Instance) -> wasmtime::Result<T>,
     ) -> Result<T, PluginFailure> {
-        let deadline = Instant::now() + self.timeout;
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        let result = self.on_instance(scope, deadline, call).await;
+        self.call_times.record(started.elapsed());
+        result
+    }
+
+    async fn on_instance<T>(
+        &self,
+        scope: CallScope,
+        deadline: Instant,
+        call: impl AsyncFnOnce(&mut Store<StoreState>, &Instance) -> wasmtime::Result<T>,
+    ) -> Result<T, PluginFailure> {
         let mut live = match self.pool.as_ref().and_then(Pool::take) {
             Some(mut live) => {
                 live.store.data_mut().scope = scope;
@@ -691,7 +714,8 @@ impl StreamSession {
         let Some(indices) = &plugin.exports.guardrail else {
             return Ok(guardrail::StreamVerdict::Release(delta.text.clone()));
         };
-        let deadline = Instant::now() + plugin.timeout;
+        let started = Instant::now();
+        let deadline = started + plugin.timeout;
         let mut live = match self.live.take() {
             Some(live) => live,
             None => {
@@ -703,7 +727,10 @@ impl StreamSession {
             let guest = indices.load(&mut live.store, &live.instance)?;
             guest.call_check_stream(&mut live.store, delta).await
         };
-        let verdict = plugin.within(deadline, call).await?;
+        let verdict = plugin.within(deadline, call).await;
+        plugin.call_times.record(started.elapsed());
+        // A failed instance is dropped, never used again.
+        let verdict = verdict?;
         self.live = Some(live);
         Ok(verdict)
     }
