@@ -75,6 +75,33 @@ async fn an_endless_loop_is_stopped_at_the_deadline() {
     assert_healthy(&gateway).await;
 }
 
+/// The time limit counts the plugin's own running time. A hundred calls at once queue for the
+/// gateway's cores several times longer than the limit (each costs a debug build about 2 ms), and
+/// none of them may time out for it; the wall-clock backstop, ten times the limit, is not reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_calls_does_not_run_out_of_plugin_time_while_queued() {
+    let gateway = Gateway::start(&config(
+        "limits: { timeout_ms: 200 }, config: { check: allow }",
+        "",
+    ))
+    .await;
+    let started = Instant::now();
+    let calls: Vec<_> = (0..100)
+        .map(|_| {
+            let url = format!("{}/v1/chat/completions", gateway.url());
+            tokio::spawn(async move { client::post_json(&url, None, &chat("echo", "hello")).await })
+        })
+        .collect();
+    for call in calls {
+        let response = call.await.expect("the call task");
+        assert_eq!(response.status, 200, "{}", response.text());
+    }
+    eprintln!(
+        "100 concurrent calls through a 200 ms plugin took {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_open_lets_the_call_through_when_the_plugin_fails() {
     let gateway = Gateway::start(&config(

@@ -263,7 +263,8 @@ pub enum OnError {
 pub struct PluginLimits {
     /// Linear memory cap per instance.
     pub memory_mb: u64,
-    /// Wall-clock deadline for one hook call, instantiation included.
+    /// Time one hook call may spend running guest code, instantiation included. Waiting for a
+    /// core does not count; on the wall clock a call may last ten times this.
     pub timeout_ms: u64,
 }
 

@@ -199,7 +199,7 @@ impl PluginRuntime {
         });
         // A trial instance proves the plugin starts and accepts its config within its limits.
         plugin
-            .instantiate(CallScope::default(), Instant::now() + plugin.timeout)
+            .instantiate(CallScope::default(), &mut Budget::new(plugin.timeout))
             .await
             .map_err(|failure| PluginError::Init {
                 plugin: config.name.clone(),
@@ -423,6 +423,30 @@ struct Live {
     uses: u32,
 }
 
+/// What one hook call may spend running guest code, instantiation included. Time spent waiting
+/// for a core does not count, so a burst of calls queued on a busy runtime does not turn into
+/// timeouts; a wall-clock backstop [`BACKSTOP_FACTOR`] times as long bounds a guest that waits on
+/// the host instead of running.
+#[derive(Debug)]
+struct Budget {
+    limit: Duration,
+    spent: Duration,
+    backstop: Instant,
+}
+
+/// How many times its time limit a call may last on the wall clock.
+const BACKSTOP_FACTOR: u32 = 10;
+
+impl Budget {
+    fn new(limit: Duration) -> Budget {
+        Budget {
+            limit,
+            spent: Duration::ZERO,
+            backstop: Instant::now() + limit.saturating_mul(BACKSTOP_FACTOR),
+        }
+    }
+}
+
 /// The idle warm instances of a pooled plugin.
 struct Pool {
     idle: Mutex<Vec<Live>>,
@@ -489,15 +513,15 @@ impl LoadedPlugin {
     async fn instantiate(
         &self,
         scope: CallScope,
-        deadline: Instant,
+        budget: &mut Budget,
     ) -> Result<Live, PluginFailure> {
         let state = StoreState::new(Arc::clone(&self.name), &self.sandbox, scope)
             .map_err(|reason| self.trap(reason))?;
         let mut store = Store::new(&self.engine, state);
         store.limiter(StoreState::limiter);
         // At every epoch tick a running guest yields to the executor, so a plugin spinning in a
-        // loop neither holds a worker thread nor outlives its deadline: the `timeout_at` around
-        // the call drops it at the next yield.
+        // loop neither holds a worker thread nor outlives its budget: `within` drops it at the
+        // next yield.
         store.set_epoch_deadline(1);
         store.epoch_deadline_async_yield_and_update(1);
         let run = async {
@@ -510,7 +534,7 @@ impl LoadedPlugin {
             }
             wasmtime::Result::Ok(Ok(instance))
         };
-        match self.within(deadline, run).await? {
+        match self.within(budget, run).await? {
             Err(reason) => Err(self.trap(format!("init rejected the config: {reason}"))),
             Ok(instance) => Ok(Live {
                 store,
@@ -520,16 +544,30 @@ impl LoadedPlugin {
         }
     }
 
-    /// Runs guest work until `deadline`; a timeout, trap or host error becomes a counted failure.
+    /// Runs guest work within what is left of `budget`; running out, a trap or a host error
+    /// becomes a counted failure. Only time spent polling the guest counts against the budget.
     async fn within<T>(
         &self,
-        deadline: Instant,
+        budget: &mut Budget,
         work: impl std::future::Future<Output = wasmtime::Result<T>>,
     ) -> Result<T, PluginFailure> {
-        match tokio::time::timeout_at(deadline, work).await {
-            Err(_) => Err(self.timed_out()),
-            Ok(Err(e)) => Err(self.failed(&e)),
-            Ok(Ok(value)) => Ok(value),
+        let mut work = std::pin::pin!(work);
+        let limit = budget.limit;
+        let spent = &mut budget.spent;
+        let metered = std::future::poll_fn(|cx| {
+            let started = std::time::Instant::now();
+            let poll = work.as_mut().poll(cx);
+            *spent += started.elapsed();
+            match poll {
+                std::task::Poll::Ready(result) => std::task::Poll::Ready(Some(result)),
+                std::task::Poll::Pending if *spent >= limit => std::task::Poll::Ready(None),
+                std::task::Poll::Pending => std::task::Poll::Pending,
+            }
+        });
+        match tokio::time::timeout_at(budget.backstop, metered).await {
+            Err(_) | Ok(None) => Err(self.timed_out()),
+            Ok(Some(Err(e))) => Err(self.failed(&e)),
+            Ok(Some(Ok(value))) => Ok(value),
         }
     }
 
@@ -540,17 +578,16 @@ impl LoadedPlugin {
         scope: CallScope,
         call: impl AsyncFnOnce(&mut Store<StoreState>, &Instance) -> wasmtime::Result<T>,
     ) -> Result<T, PluginFailure> {
-        let started = Instant::now();
-        let deadline = started + self.timeout;
-        let result = self.on_instance(scope, deadline, call).await;
-        self.call_times.record(started.elapsed());
+        let mut budget = Budget::new(self.timeout);
+        let result = self.on_instance(scope, &mut budget, call).await;
+        self.call_times.record(budget.spent);
         result
     }
 
     async fn on_instance<T>(
         &self,
         scope: CallScope,
-        deadline: Instant,
+        budget: &mut Budget,
         call: impl AsyncFnOnce(&mut Store<StoreState>, &Instance) -> wasmtime::Result<T>,
     ) -> Result<T, PluginFailure> {
         let mut live = match self.pool.as_ref().and_then(Pool::take) {
@@ -558,10 +595,10 @@ impl LoadedPlugin {
                 live.store.data_mut().scope = scope;
                 live
             }
-            None => self.instantiate(scope, deadline).await?,
+            None => self.instantiate(scope, budget).await?,
         };
         let value = self
-            .within(deadline, call(&mut live.store, &live.instance))
+            .within(budget, call(&mut live.store, &live.instance))
             .await?;
         if let Some(pool) = &self.pool {
             pool.give_back(live);
@@ -714,21 +751,20 @@ impl StreamSession {
         let Some(indices) = &plugin.exports.guardrail else {
             return Ok(guardrail::StreamVerdict::Release(delta.text.clone()));
         };
-        let started = Instant::now();
-        let deadline = started + plugin.timeout;
+        let mut budget = Budget::new(plugin.timeout);
         let mut live = match self.live.take() {
             Some(live) => live,
             None => {
                 let scope = self.scope.take().unwrap_or_default();
-                plugin.instantiate(scope, deadline).await?
+                plugin.instantiate(scope, &mut budget).await?
             }
         };
         let call = async {
             let guest = indices.load(&mut live.store, &live.instance)?;
             guest.call_check_stream(&mut live.store, delta).await
         };
-        let verdict = plugin.within(deadline, call).await;
-        plugin.call_times.record(started.elapsed());
+        let verdict = plugin.within(&mut budget, call).await;
+        plugin.call_times.record(budget.spent);
         // A failed instance is dropped, never used again.
         let verdict = verdict?;
         self.live = Some(live);
