@@ -37,6 +37,12 @@ pub struct RouteRequest<'a> {
 pub trait RoutingStrategy: Send + Sync + fmt::Debug {
     fn name(&self) -> &str;
 
+    /// Whether `choose` reads `RouteRequest::estimated_tokens`. Estimating costs a pass over the
+    /// prompt, so it is only done for strategies that use it (otherwise it is 0).
+    fn uses_token_estimate(&self) -> bool {
+        false
+    }
+
     /// Returns an index into `candidates`, which is never empty. `None` or an index out of range
     /// means "no opinion", and the router falls back to a weighted shuffle.
     fn choose<'a>(

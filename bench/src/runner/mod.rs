@@ -410,7 +410,9 @@ fn start_peer(
         .arg("run")
         .arg(peers.install.join(name))
         .arg(address.port().to_string())
-        .arg(mock.base_url());
+        .arg(mock.base_url())
+        // TCP_NODELAY on every socket, for peers that would leave Nagle on (TensorZero does).
+        .env("BENCH_TCP_NODELAY", "1");
     let server = Server::start_at(
         command,
         address,

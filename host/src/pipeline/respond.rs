@@ -17,6 +17,7 @@ use serde_json::Value;
 use crate::call::{Call, Outcome};
 use crate::error::GatewayError;
 use crate::generation::Generation;
+use crate::json;
 use crate::pipeline::guardrails::StreamGuards;
 use crate::pipeline::route::{Answer, Routed};
 use crate::providers::{ChunkStream, Endpoint, JsonObject, Usage};
@@ -73,13 +74,7 @@ pub fn respond(
         Answer::Whole(mut object) => {
             // Usage was taken when the answer arrived (pipeline::take_usage).
             set_model(&mut object, &call.requested_model);
-            let body = match serde_json::to_vec(&object) {
-                Ok(bytes) => Bytes::from(bytes),
-                Err(e) => {
-                    let err = GatewayError::Internal(format!("cannot encode the response: {e}"));
-                    return error_response(&err, Some(&call.id));
-                }
-            };
+            let body = Bytes::from(json::to_vec(&object));
             let mut response = json_response(StatusCode::OK, body);
             add_headers(&mut response, &call, &deployment, Some(call.cost));
             drop(in_flight);
@@ -118,37 +113,61 @@ fn add_headers(
     cost: Option<f64>,
 ) {
     let headers = response.headers_mut();
-    let mut put = |name: &'static str, value: String| {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            headers.insert(HeaderName::from_static(name), value);
+    let mut put = |name: HeaderName, value: &str| {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(name, value);
         }
     };
-    put("x-portcullis-call-id", call.id.clone());
-    put("x-portcullis-model-id", deployment.id.clone());
-    put("x-portcullis-model-group", deployment.group.clone());
-    put(
-        "x-portcullis-api-base",
-        deployment.upstream.api_base.clone(),
-    );
+    put(CALL_ID, &call.id);
+    put(MODEL_ID, &deployment.id);
+    put(MODEL_GROUP, &deployment.group);
+    put(API_BASE, &deployment.upstream.api_base);
     if let Some(cost) = cost {
-        put("x-portcullis-response-cost", format!("{cost:.10}"));
+        put(RESPONSE_COST, &fixed_point(cost, 10));
     }
     put(
-        "x-portcullis-response-duration-ms",
-        format!("{:.3}", call.received.elapsed().as_secs_f64() * 1000.0),
+        RESPONSE_DURATION,
+        &fixed_point(call.received.elapsed().as_secs_f64() * 1000.0, 3),
     );
     put(
-        "x-portcullis-overhead-duration-ms",
-        format!("{:.3}", call.overhead().as_secs_f64() * 1000.0),
+        OVERHEAD_DURATION,
+        &fixed_point(call.overhead().as_secs_f64() * 1000.0, 3),
     );
     put(
-        "x-portcullis-attempted-retries",
-        call.attempts.saturating_sub(1).to_string(),
+        ATTEMPTED_RETRIES,
+        &call.attempts.saturating_sub(1).to_string(),
     );
-    put(
-        "x-portcullis-attempted-fallbacks",
-        call.fallbacks.to_string(),
-    );
+    put(ATTEMPTED_FALLBACKS, &call.fallbacks.to_string());
+}
+
+// Names made at compile time: `from_static` at run time checks the name against every standard
+// header first.
+const MODEL_ID: HeaderName = HeaderName::from_static("x-portcullis-model-id");
+const MODEL_GROUP: HeaderName = HeaderName::from_static("x-portcullis-model-group");
+const API_BASE: HeaderName = HeaderName::from_static("x-portcullis-api-base");
+const RESPONSE_COST: HeaderName = HeaderName::from_static("x-portcullis-response-cost");
+const RESPONSE_DURATION: HeaderName = HeaderName::from_static("x-portcullis-response-duration-ms");
+const OVERHEAD_DURATION: HeaderName = HeaderName::from_static("x-portcullis-overhead-duration-ms");
+const ATTEMPTED_RETRIES: HeaderName = HeaderName::from_static("x-portcullis-attempted-retries");
+const ATTEMPTED_FALLBACKS: HeaderName = HeaderName::from_static("x-portcullis-attempted-fallbacks");
+
+/// `value` with `decimals` (at least one) digits after the point, through integers: formatting a
+/// float with a fixed precision takes the slow exact path (thousands of instructions a header).
+fn fixed_point(value: f64, decimals: u32) -> String {
+    let scale = 10u64.pow(decimals);
+    if !value.is_finite() || value < 0.0 || value >= (u64::MAX / scale) as f64 {
+        return format!("{value:.*}", decimals as usize);
+    }
+    let scaled = (value * scale as f64).round() as u64;
+    let digits = scaled.to_string();
+    let decimals = decimals as usize;
+    let mut text = String::with_capacity(digits.len().max(decimals + 1) + 1);
+    for _ in digits.len()..=decimals {
+        text.push('0');
+    }
+    text.push_str(&digits);
+    text.insert(text.len() - decimals, '.');
+    text
 }
 
 /// The stream the client reads: chunks re-labelled with the client's model, usage taken on the
@@ -202,9 +221,7 @@ fn client_stream(
                             return Some((Ok(Frame::data(state.fail(err))), state));
                         }
                     }
-                    let Ok(json) = serde_json::to_vec(&chunk) else {
-                        continue;
-                    };
+                    let json = json::to_vec(&chunk);
                     return Some((Ok(Frame::data(sse::encode_data(&json))), state));
                 }
                 Some(Err(err)) => {
@@ -271,9 +288,8 @@ impl StreamState {
         };
         let mut frames = Vec::new();
         for (index, text) in guards.flush().await? {
-            if let Ok(json) = serde_json::to_vec(&self.released_chunk(index, text)) {
-                frames.extend_from_slice(&sse::encode_data(&json));
-            }
+            let json = json::to_vec(&self.released_chunk(index, text));
+            frames.extend_from_slice(&sse::encode_data(&json));
         }
         Ok(frames)
     }
@@ -329,5 +345,29 @@ impl Drop for StreamState {
             tracing::info!(call_id = %end.call.id, "client went away mid-stream");
             self.finish(Outcome::Cancelled);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_point_matches_float_formatting() {
+        for (value, decimals) in [
+            (0.0, 10),
+            (0.000_123_45, 10),
+            (1.5, 3),
+            (12.345_678, 3),
+            (0.000_15, 10),
+            (1_234.567_8, 1),
+        ] {
+            assert_eq!(
+                fixed_point(value, decimals),
+                format!("{value:.*}", decimals as usize),
+                "{value} to {decimals}"
+            );
+        }
+        assert_eq!(fixed_point(f64::NAN, 3), "NaN");
     }
 }

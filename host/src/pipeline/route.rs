@@ -13,7 +13,7 @@ use crate::call::Call;
 use crate::error::GatewayError;
 use crate::extension::RouteRequest;
 use crate::generation::Generation;
-use crate::openai::{self, ApiRequest};
+use crate::openai::ApiRequest;
 use crate::providers::{ChunkStream, JsonObject, ProviderError, Reply};
 use crate::router::{Deployment, InFlight, NoDeployment};
 use crate::tokens;
@@ -54,7 +54,11 @@ pub async fn route(
 ) -> Result<Routed, GatewayError> {
     let router = &generation.router;
     let settings = &router.settings;
-    let estimated_tokens = estimate_prompt_tokens(request);
+    let estimated_tokens = if router.strategy().uses_token_estimate() {
+        estimate_prompt_tokens(request)
+    } else {
+        0
+    };
     let groups: Vec<String> = std::iter::once(call.model.clone())
         .chain(router.fallbacks(&call.model).iter().cloned())
         .collect();
@@ -164,11 +168,10 @@ async fn attempt(
 /// A prompt-size estimate for usage-aware routing.
 fn estimate_prompt_tokens(request: &ApiRequest) -> u64 {
     let body = &request.body;
-    let text = |v: Option<&serde_json::Value>| openai::content_text(v);
     match body.get("messages").and_then(|m| m.as_array()) {
         Some(messages) => messages
             .iter()
-            .map(|m| tokens::estimate(&text(m.get("content"))) + 4)
+            .map(|m| content_tokens(m.get("content")) + 4)
             .sum(),
         None => ["prompt", "input"]
             .iter()
@@ -178,5 +181,19 @@ fn estimate_prompt_tokens(request: &ApiRequest) -> u64 {
                 other => tokens::estimate(&other.to_string()),
             })
             .sum(),
+    }
+}
+
+/// Tokens in a message's content, a string or text parts, without copying the text.
+fn content_tokens(content: Option<&serde_json::Value>) -> u64 {
+    match content {
+        Some(serde_json::Value::String(text)) => tokens::estimate(text),
+        Some(serde_json::Value::Array(parts)) => parts
+            .iter()
+            .filter(|part| part["type"] == "text")
+            .filter_map(|part| part["text"].as_str())
+            .map(tokens::estimate)
+            .sum(),
+        _ => 0,
     }
 }

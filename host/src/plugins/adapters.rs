@@ -238,6 +238,11 @@ impl RoutingStrategy for WasmRouter {
         &self.plugin.name
     }
 
+    /// The contract hands every router plugin the estimate.
+    fn uses_token_estimate(&self) -> bool {
+        true
+    }
+
     fn choose<'a>(
         &'a self,
         request: &'a RouteRequest<'a>,

@@ -144,13 +144,13 @@ fn build_request(
     let (url, bytes, auth): (String, Vec<u8>, Vec<(HeaderName, String)>) = match upstream.kind {
         ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::Mock => (
             openai::url(upstream, endpoint),
-            openai::body(upstream, body, stream)?,
+            openai::body(upstream, body, stream),
             key.map(|k| vec![(AUTHORIZATION, format!("Bearer {k}"))])
                 .unwrap_or_default(),
         ),
         ProviderKind::Azure => (
             azure::url(upstream, endpoint),
-            openai::body(upstream, body, stream)?,
+            openai::body(upstream, body, stream),
             key.map(|k| vec![(HeaderName::from_static("api-key"), k.to_owned())])
                 .unwrap_or_default(),
         ),

@@ -2,59 +2,40 @@
 //! OpenRouter...): the client's body passes through with only `model` (and, for streams,
 //! `stream_options.include_usage`) set, so fields we do not know about still arrive.
 
-use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::Value;
 
 use super::{Decoded, Endpoint, JsonObject, ProviderError, StreamDecoder, Upstream};
+use crate::json;
 use crate::sse::SseEvent;
 
 pub(super) fn url(upstream: &Upstream, endpoint: Endpoint) -> String {
     format!("{}/{}", upstream.api_base, endpoint.path())
 }
 
-/// The client's body with the upstream's model id, serialized without copying the body first.
-pub(super) fn body(
-    upstream: &Upstream,
-    body: &JsonObject,
-    stream: bool,
-) -> Result<Vec<u8>, ProviderError> {
-    serde_json::to_vec(&Passthrough {
-        body,
-        model: &upstream.model,
-        stream,
-    })
-    .map_err(|e| ProviderError::Protocol(format!("cannot encode the upstream request: {e}")))
-}
-
-struct Passthrough<'a> {
-    body: &'a JsonObject,
-    model: &'a str,
-    stream: bool,
-}
-
-impl Serialize for Passthrough<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(None)?;
-        map.serialize_entry("model", self.model)?;
-        for (key, value) in self.body {
-            match key.as_str() {
-                "model" => {}
-                // Always ask for usage so cost is known; the pipeline hides the usage chunk from
-                // clients that did not ask for it.
-                "stream_options" if self.stream => {}
-                _ => map.serialize_entry(key, value)?,
-            }
+/// The client's body with the upstream's model id, written without copying the body first.
+pub(super) fn body(upstream: &Upstream, body: &JsonObject, stream: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1024);
+    let mut object = json::ObjectWriter::new(&mut out);
+    object.str_entry("model", &upstream.model);
+    for (key, value) in body {
+        match key.as_str() {
+            "model" => {}
+            // Always ask for usage so cost is known; the pipeline hides the usage chunk from
+            // clients that did not ask for it.
+            "stream_options" if stream => {}
+            _ => object.entry(key, value),
         }
-        if self.stream {
-            let mut options = match self.body.get("stream_options") {
-                Some(Value::Object(options)) => options.clone(),
-                _ => JsonObject::new(),
-            };
-            options.insert("include_usage".into(), Value::Bool(true));
-            map.serialize_entry("stream_options", &options)?;
-        }
-        map.end()
     }
+    if stream {
+        let mut options = match body.get("stream_options") {
+            Some(Value::Object(options)) => options.clone(),
+            _ => JsonObject::new(),
+        };
+        options.insert("include_usage".into(), Value::Bool(true));
+        object.entry("stream_options", &Value::Object(options));
+    }
+    object.end();
+    out
 }
 
 /// OpenAI streams: each `data:` is a chunk object, `[DONE]` ends it, `{"error":...}` aborts it.
@@ -107,9 +88,7 @@ mod tests {
         else {
             panic!("object")
         };
-        let sent: Value =
-            serde_json::from_slice(&body(&upstream(), &client, false).expect("encodes"))
-                .expect("json");
+        let sent: Value = serde_json::from_slice(&body(&upstream(), &client, false)).expect("json");
         assert_eq!(
             sent,
             json!({"model": "gpt-4o-2024-08-06", "messages": [], "x_custom": {"a": 1}})
@@ -123,9 +102,7 @@ mod tests {
         else {
             panic!("object")
         };
-        let sent: Value =
-            serde_json::from_slice(&body(&upstream(), &client, true).expect("encodes"))
-                .expect("json");
+        let sent: Value = serde_json::from_slice(&body(&upstream(), &client, true)).expect("json");
         assert_eq!(
             sent["stream_options"],
             json!({"other": 1, "include_usage": true})

@@ -96,6 +96,10 @@ impl RoutingStrategy for UsageBased {
         "usage-based"
     }
 
+    fn uses_token_estimate(&self) -> bool {
+        true
+    }
+
     fn choose<'a>(
         &'a self,
         request: &'a RouteRequest<'a>,
