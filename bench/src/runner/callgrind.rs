@@ -129,6 +129,7 @@ fn control(pid: u32, what: &str) -> anyhow::Result<()> {
         .arg(what)
         .arg(pid.to_string())
         .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .status()
         .context("callgrind_control")?;
     if !status.success() {

@@ -89,6 +89,10 @@ pub fn run(mut options: Options) -> anyhow::Result<()> {
     ] {
         *path = std::path::absolute(&*path)?;
     }
+    if let Some(peers) = &mut options.peers {
+        peers.install = std::path::absolute(&peers.install)?;
+        peers.scripts = std::path::absolute(&peers.scripts)?;
+    }
     let pinning = Pinning::detect();
     pinning.pin_self()?;
     std::fs::create_dir_all(&options.work)?;

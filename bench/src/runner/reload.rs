@@ -60,6 +60,8 @@ struct Files {
     plugin_dir: PathBuf,
     audit: PathBuf,
     components: [Vec<u8>; 2],
+    /// Which of `components` the plugin file holds now.
+    installed: std::cell::Cell<usize>,
 }
 
 impl Files {
@@ -76,8 +78,12 @@ impl Files {
         replace_atomically(&self.config, text.as_bytes())
     }
 
-    fn write_plugin(&self, which: usize) -> std::io::Result<()> {
-        replace_atomically(&self.plugin, &self.components[which % 2])
+    /// Replaces the plugin file with the other component, so its content always changes.
+    fn swap_plugin(&self) -> std::io::Result<()> {
+        let next = 1 - self.installed.get();
+        replace_atomically(&self.plugin, &self.components[next])?;
+        self.installed.set(next);
+        Ok(())
     }
 }
 
@@ -107,8 +113,9 @@ async fn run(
             std::fs::read(options.plugins.join("pii_mask.wasm"))?,
             std::fs::read(options.plugins.join("misbehave.wasm"))?,
         ],
+        installed: std::cell::Cell::new(0),
     };
-    files.write_plugin(0)?;
+    replace_atomically(&files.plugin, &files.components[0])?;
     files.write_config(600)?;
     let server = super::start_portcullis(
         options,
@@ -137,7 +144,7 @@ async fn run(
         if swaps.is_multiple_of(2) {
             files.write_config(600 + (swaps / 2 % 2) as u32)?;
         } else {
-            files.write_plugin((swaps / 2 + 1) as usize)?;
+            files.swap_plugin()?;
         }
         swaps += 1;
     }
@@ -156,7 +163,7 @@ async fn run(
         if round.is_multiple_of(2) {
             files.write_config(700 + round)?;
         } else {
-            files.write_plugin(round as usize)?;
+            files.swap_plugin()?;
         }
         let elapsed = serving_after(&server, before, written).await?;
         if round.is_multiple_of(2) {
