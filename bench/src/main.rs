@@ -17,10 +17,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use http::{HeaderName, HeaderValue};
 
-/// The gateway's allocator, so the floor runs on the same stack.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Debug, Parser)]
 #[command(name = "portcullis-bench", about = "Benchmarks for Portcullis")]
 struct Cli {

@@ -10,11 +10,6 @@ use clap::{Parser, Subcommand};
 use portcullis::config::Config;
 use tracing_subscriber::EnvFilter;
 
-/// A proxied call allocates hundreds of small JSON nodes; under glibc's allocator that was a fifth
-/// of the gateway's instructions per call.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Debug, Parser)]
 #[command(
     name = "portcullis",
