@@ -421,6 +421,29 @@ struct Live {
     instance: Instance,
     /// Calls served so far.
     uses: u32,
+    /// The exports this instance has been called through, looked up once: a lookup type-checks
+    /// the functions again.
+    guests: Guests,
+}
+
+#[derive(Default)]
+struct Guests {
+    guardrail: Option<guardrail::Guest>,
+    enricher: Option<enricher::Guest>,
+    router: Option<router::Guest>,
+    hook: Option<hook::Guest>,
+}
+
+/// The export in `slot`, loaded into it first if this is the instance's first call through it.
+fn cached<G>(
+    slot: &mut Option<G>,
+    load: impl FnOnce() -> wasmtime::Result<G>,
+) -> wasmtime::Result<&G> {
+    let guest = match slot.take() {
+        Some(guest) => guest,
+        None => load()?,
+    };
+    Ok(slot.insert(guest))
 }
 
 /// What one hook call may spend running guest code, instantiation included. Time spent waiting
@@ -540,6 +563,7 @@ impl LoadedPlugin {
                 store,
                 instance,
                 uses: 0,
+                guests: Guests::default(),
             }),
         }
     }
@@ -576,7 +600,7 @@ impl LoadedPlugin {
     async fn with_instance<T>(
         &self,
         scope: CallScope,
-        call: impl AsyncFnOnce(&mut Store<StoreState>, &Instance) -> wasmtime::Result<T>,
+        call: impl AsyncFnOnce(&mut Store<StoreState>, &Instance, &mut Guests) -> wasmtime::Result<T>,
     ) -> Result<T, PluginFailure> {
         let mut budget = Budget::new(self.timeout);
         let result = self.on_instance(scope, &mut budget, call).await;
@@ -588,7 +612,7 @@ impl LoadedPlugin {
         &self,
         scope: CallScope,
         budget: &mut Budget,
-        call: impl AsyncFnOnce(&mut Store<StoreState>, &Instance) -> wasmtime::Result<T>,
+        call: impl AsyncFnOnce(&mut Store<StoreState>, &Instance, &mut Guests) -> wasmtime::Result<T>,
     ) -> Result<T, PluginFailure> {
         let mut live = match self.pool.as_ref().and_then(Pool::take) {
             Some(mut live) => {
@@ -598,7 +622,10 @@ impl LoadedPlugin {
             None => self.instantiate(scope, budget).await?,
         };
         let value = self
-            .within(budget, call(&mut live.store, &live.instance))
+            .within(
+                budget,
+                call(&mut live.store, &live.instance, &mut live.guests),
+            )
             .await?;
         if let Some(pool) = &self.pool {
             pool.give_back(live);
@@ -640,8 +667,10 @@ impl LoadedPlugin {
         let Some(indices) = &self.exports.guardrail else {
             return Ok(guardrail::RequestVerdict::Allow);
         };
-        self.with_instance(scope, async |store, instance| {
-            let guest = indices.load(&mut *store, instance)?;
+        self.with_instance(scope, async |store, instance, guests| {
+            let guest = cached(&mut guests.guardrail, || {
+                indices.load(&mut *store, instance)
+            })?;
             guest.call_check_request(store, request).await
         })
         .await
@@ -656,8 +685,10 @@ impl LoadedPlugin {
         let Some(indices) = &self.exports.guardrail else {
             return Ok(guardrail::ResponseVerdict::Allow);
         };
-        self.with_instance(scope, async |store, instance| {
-            let guest = indices.load(&mut *store, instance)?;
+        self.with_instance(scope, async |store, instance, guests| {
+            let guest = cached(&mut guests.guardrail, || {
+                indices.load(&mut *store, instance)
+            })?;
             guest.call_check_response(store, request, response).await
         })
         .await
@@ -671,8 +702,8 @@ impl LoadedPlugin {
         let Some(indices) = &self.exports.enricher else {
             return Ok(None);
         };
-        self.with_instance(scope, async |store, instance| {
-            let guest = indices.load(&mut *store, instance)?;
+        self.with_instance(scope, async |store, instance, guests| {
+            let guest = cached(&mut guests.enricher, || indices.load(&mut *store, instance))?;
             guest.call_enrich(store, request).await.map(Some)
         })
         .await
@@ -687,8 +718,8 @@ impl LoadedPlugin {
         let Some(indices) = &self.exports.router else {
             return Ok(Vec::new());
         };
-        self.with_instance(scope, async |store, instance| {
-            let guest = indices.load(&mut *store, instance)?;
+        self.with_instance(scope, async |store, instance, guests| {
+            let guest = cached(&mut guests.router, || indices.load(&mut *store, instance))?;
             guest.call_choose(store, request, candidates).await
         })
         .await
@@ -703,8 +734,8 @@ impl LoadedPlugin {
         let Some(indices) = &self.exports.hook else {
             return Ok(());
         };
-        self.with_instance(scope, async |store, instance| {
-            let guest = indices.load(&mut *store, instance)?;
+        self.with_instance(scope, async |store, instance, guests| {
+            let guest = cached(&mut guests.hook, || indices.load(&mut *store, instance))?;
             if success {
                 guest.call_on_success(store, event).await
             } else {
@@ -760,7 +791,9 @@ impl StreamSession {
             }
         };
         let call = async {
-            let guest = indices.load(&mut live.store, &live.instance)?;
+            let guest = cached(&mut live.guests.guardrail, || {
+                indices.load(&mut live.store, &live.instance)
+            })?;
             guest.call_check_stream(&mut live.store, delta).await
         };
         let verdict = plugin.within(&mut budget, call).await;
