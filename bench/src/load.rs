@@ -281,6 +281,17 @@ fn record(histogram: &mut Histogram<u64>, elapsed: Duration) {
     histogram.saturating_record(elapsed.as_nanos().min(u64::MAX as u128) as u64);
 }
 
+/// A `Name: value` line as a header.
+pub fn header(line: &str) -> Result<(HeaderName, HeaderValue), String> {
+    let (name, value) = line
+        .split_once(':')
+        .ok_or_else(|| format!("{line:?} is not `Name: value`"))?;
+    let name =
+        HeaderName::from_bytes(name.trim().as_bytes()).map_err(|e| format!("{line:?}: {e}"))?;
+    let value = HeaderValue::from_str(value.trim()).map_err(|e| format!("{line:?}: {e}"))?;
+    Ok((name, value))
+}
+
 /// A chat completion request of about `prompt_bytes` bytes of user text.
 pub fn chat_body(model: &str, prompt_bytes: usize, stream: bool) -> Bytes {
     let sentence = "Summarise the quarterly report for the platform team in three bullet points. ";

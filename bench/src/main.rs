@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use http::{HeaderName, HeaderValue};
 
 #[derive(Debug, Parser)]
 #[command(name = "portcullis-bench", about = "Benchmarks for Portcullis")]
@@ -173,16 +172,9 @@ fn main() -> anyhow::Result<()> {
         } => {
             let headers = headers
                 .iter()
-                .map(|line| {
-                    let (name, value) = line
-                        .split_once(':')
-                        .with_context(|| format!("{line:?} is not `Name: value`"))?;
-                    Ok((
-                        HeaderName::from_bytes(name.trim().as_bytes())?,
-                        HeaderValue::from_str(value.trim())?,
-                    ))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
+                .map(|line| load::header(line))
+                .collect::<Result<Vec<_>, String>>()
+                .map_err(anyhow::Error::msg)?;
             let target = load::Target {
                 address,
                 path,

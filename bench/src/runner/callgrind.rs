@@ -10,7 +10,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
-use super::process::{Pinning, Server};
+use super::process::Pinning;
 use super::{client_target, Options, PluginSet};
 use crate::load::{self, Pace};
 use crate::mock::Mock;
@@ -64,28 +64,14 @@ async fn measure(
         .arg("--collect-jumps=no");
     let server = match set {
         None => {
-            command
-                .arg(&options.bench)
-                .arg("floor")
-                .arg("--upstream")
-                .arg(format!("http://{}", mock.address));
-            Server::start_announced(command, "floor listening on ")?
+            command.arg(&options.bench);
+            super::start_floor(command, mock)?
         }
         Some(set) => {
-            let label = format!("callgrind-{}", set.label());
-            let config = super::gateway::write_config(
-                &options.work,
-                &label.replace(|c: char| !c.is_ascii_alphanumeric(), "-"),
-                set,
-                &mock.base_url(),
-                &options.plugins,
-            )?;
-            command
-                .arg(&options.gateway)
-                .arg("--config")
-                .arg(&config)
-                .env("PORTCULLIS_LOG", "warn");
-            Server::start_announced(command, "portcullis listening on ")?
+            let config =
+                super::write_config(options, mock, set, &format!("callgrind-{}", set.label()))?;
+            command.arg(&options.gateway);
+            super::start_gateway(command, &config)?
         }
     };
     let target = client_target(server.address);

@@ -14,6 +14,7 @@ mod scenarios;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -273,14 +274,7 @@ fn start(
 ) -> anyhow::Result<Started> {
     let server = match &variant.kind {
         Kind::Direct => None,
-        Kind::Floor => {
-            let mut command = pinning.command(&options.bench);
-            command
-                .arg("floor")
-                .arg("--upstream")
-                .arg(format!("http://{}", mock.address));
-            Some(Server::start_announced(command, "floor listening on ")?)
-        }
+        Kind::Floor => Some(start_floor(pinning.command(&options.bench), mock)?),
         Kind::Portcullis(set) => Some(start_portcullis(options, pinning, mock, *set, label, None)?),
         Kind::Peer(name) => {
             let peers = options.peers.as_ref().context("no peers configured")?;
@@ -328,23 +322,46 @@ fn start_portcullis(
     label: &str,
     config: Option<&Path>,
 ) -> anyhow::Result<Server> {
-    let name = label.replace(|c: char| !c.is_ascii_alphanumeric(), "-");
     let path = match config {
         Some(path) => path.to_owned(),
-        None => gateway::write_config(
-            &options.work,
-            &name,
-            set,
-            &mock.base_url(),
-            &options.plugins,
-        )?,
+        None => write_config(options, mock, set, label)?,
     };
-    let mut command = pinning.command(&options.gateway);
+    start_gateway(pinning.command(&options.gateway), &path)
+}
+
+/// The config for `set` against `mock`, in the work directory under a name made from `label`.
+fn write_config(
+    options: &Options,
+    mock: &Mock,
+    set: PluginSet,
+    label: &str,
+) -> std::io::Result<std::path::PathBuf> {
+    let name = label.replace(|c: char| !c.is_ascii_alphanumeric(), "-");
+    gateway::write_config(
+        &options.work,
+        &name,
+        set,
+        &mock.base_url(),
+        &options.plugins,
+    )
+}
+
+/// Starts the gateway binary that `command` runs (pinned, or under callgrind) on `config`.
+fn start_gateway(mut command: Command, config: &Path) -> anyhow::Result<Server> {
     command
         .arg("--config")
-        .arg(&path)
+        .arg(config)
         .env("PORTCULLIS_LOG", "warn");
     Server::start_announced(command, "portcullis listening on ")
+}
+
+/// Starts the floor, in front of `mock`; `command` runs this binary (pinned, or under callgrind).
+fn start_floor(mut command: Command, mock: &Mock) -> anyhow::Result<Server> {
+    command
+        .arg("floor")
+        .arg("--upstream")
+        .arg(format!("http://{}", mock.address));
+    Server::start_announced(command, "floor listening on ")
 }
 
 /// How to address a peer, from its script's `headers` answer.
@@ -400,11 +417,10 @@ fn start_peer(
             addressing.model = model.trim().to_owned();
         } else if let Some(path) = line.strip_prefix("#path:") {
             addressing.path = path.trim().to_owned();
-        } else if let Some((name, value)) = line.split_once(':') {
-            addressing.headers.push((
-                HeaderName::from_bytes(name.trim().as_bytes())?,
-                HeaderValue::from_str(value.trim())?,
-            ));
+        } else if !line.trim().is_empty() {
+            addressing
+                .headers
+                .push(load::header(line).map_err(anyhow::Error::msg)?);
         }
     }
     let address = process::free_address()?;

@@ -12,12 +12,22 @@ use serde_json::Value;
 pub fn content_text(content: Option<&Value>) -> String {
     match content {
         Some(Value::String(text)) => text.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter(|part| part["type"] == "text")
-            .filter_map(|part| part["text"].as_str())
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
+        other => content_texts(other).collect::<Vec<_>>().join("\n"),
     }
+}
+
+/// Each text of a message's content, without copying: the string itself, or each text part.
+pub fn content_texts(content: Option<&Value>) -> impl Iterator<Item = &str> {
+    let (whole, parts) = match content {
+        Some(Value::String(text)) => (Some(text.as_str()), None),
+        Some(Value::Array(parts)) => (None, Some(parts)),
+        _ => (None, None),
+    };
+    whole.into_iter().chain(
+        parts
+            .into_iter()
+            .flatten()
+            .filter(|part| part["type"] == "text")
+            .filter_map(|part| part["text"].as_str()),
+    )
 }

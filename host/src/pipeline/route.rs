@@ -13,7 +13,7 @@ use crate::call::Call;
 use crate::error::GatewayError;
 use crate::extension::RouteRequest;
 use crate::generation::Generation;
-use crate::openai::ApiRequest;
+use crate::openai::{self, ApiRequest};
 use crate::providers::{ChunkStream, JsonObject, ProviderError, Reply};
 use crate::router::{Deployment, InFlight, NoDeployment};
 use crate::tokens;
@@ -171,7 +171,12 @@ fn estimate_prompt_tokens(request: &ApiRequest) -> u64 {
     match body.get("messages").and_then(|m| m.as_array()) {
         Some(messages) => messages
             .iter()
-            .map(|m| content_tokens(m.get("content")) + 4)
+            .map(|m| {
+                openai::content_texts(m.get("content"))
+                    .map(tokens::estimate)
+                    .sum::<u64>()
+                    + 4
+            })
             .sum(),
         None => ["prompt", "input"]
             .iter()
@@ -181,19 +186,5 @@ fn estimate_prompt_tokens(request: &ApiRequest) -> u64 {
                 other => tokens::estimate(&other.to_string()),
             })
             .sum(),
-    }
-}
-
-/// Tokens in a message's content, a string or text parts, without copying the text.
-fn content_tokens(content: Option<&serde_json::Value>) -> u64 {
-    match content {
-        Some(serde_json::Value::String(text)) => tokens::estimate(text),
-        Some(serde_json::Value::Array(parts)) => parts
-            .iter()
-            .filter(|part| part["type"] == "text")
-            .filter_map(|part| part["text"].as_str())
-            .map(tokens::estimate)
-            .sum(),
-        _ => 0,
     }
 }

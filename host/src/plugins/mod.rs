@@ -602,8 +602,18 @@ impl LoadedPlugin {
         scope: CallScope,
         call: impl AsyncFnOnce(&mut Store<StoreState>, &Instance, &mut Guests) -> wasmtime::Result<T>,
     ) -> Result<T, PluginFailure> {
+        self.metered(async |budget| self.on_instance(scope, budget, call).await)
+            .await
+    }
+
+    /// Runs one hook call's guest work under a fresh budget, and records the time it spent
+    /// running, failed or not.
+    async fn metered<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut Budget) -> Result<T, PluginFailure>,
+    ) -> Result<T, PluginFailure> {
         let mut budget = Budget::new(self.timeout);
-        let result = self.on_instance(scope, &mut budget, call).await;
+        let result = work(&mut budget).await;
         self.call_times.record(budget.spent);
         result
     }
@@ -782,25 +792,27 @@ impl StreamSession {
         let Some(indices) = &plugin.exports.guardrail else {
             return Ok(guardrail::StreamVerdict::Release(delta.text.clone()));
         };
-        let mut budget = Budget::new(plugin.timeout);
-        let mut live = match self.live.take() {
-            Some(live) => live,
-            None => {
-                let scope = self.scope.take().unwrap_or_default();
-                plugin.instantiate(scope, &mut budget).await?
-            }
-        };
-        let call = async {
-            let guest = cached(&mut live.guests.guardrail, || {
-                indices.load(&mut live.store, &live.instance)
-            })?;
-            guest.call_check_stream(&mut live.store, delta).await
-        };
-        let verdict = plugin.within(&mut budget, call).await;
-        plugin.call_times.record(budget.spent);
-        // A failed instance is dropped, never used again.
-        let verdict = verdict?;
-        self.live = Some(live);
-        Ok(verdict)
+        let (live, scope) = (&mut self.live, &mut self.scope);
+        plugin
+            .metered(async |budget| {
+                let mut current = match live.take() {
+                    Some(current) => current,
+                    None => {
+                        let scope = scope.take().unwrap_or_default();
+                        plugin.instantiate(scope, budget).await?
+                    }
+                };
+                let call = async {
+                    let guest = cached(&mut current.guests.guardrail, || {
+                        indices.load(&mut current.store, &current.instance)
+                    })?;
+                    guest.call_check_stream(&mut current.store, delta).await
+                };
+                // A failed instance is dropped, never used again.
+                let verdict = plugin.within(budget, call).await?;
+                *live = Some(current);
+                Ok(verdict)
+            })
+            .await
     }
 }
