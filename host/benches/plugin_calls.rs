@@ -95,7 +95,7 @@ async fn generation(entry: &str, kind: Kind, pooled: bool) -> Generation {
         wasm_dir().display()
     );
     let config = Config::parse(&yaml, &|_| None).expect("a valid bench config");
-    let shared = generation::Shared::start(16).expect("the engine");
+    let shared = generation::Shared::start(16, None).expect("the engine");
     Generation::build(config, &shared, None)
         .await
         .expect("the plugin loads (did plugins/build run?)")
@@ -117,9 +117,12 @@ fn request() -> (Call, ApiRequest) {
     call.principal = Some(Arc::new(Principal {
         alias: Some("bench".into()),
         team: Some("research".into()),
+        user: None,
+        token: None,
         models: None,
         guardrails: Vec::new(),
         is_master: false,
+        governed: None,
     }));
     call.requested_model = "g".into();
     call.model = "g".into();
@@ -255,7 +258,7 @@ async fn reloads() {
     std::fs::write(&wasm, version(0)).expect("write a plugin");
     write_config(0);
     let config = Config::load(&config_path).expect("a valid config");
-    let parts = generation::Shared::start(16).expect("the engine");
+    let parts = generation::Shared::start(16, None).expect("the engine");
     let reloader = portcullis::reload::Reloader::start(config_path.clone(), config, parts)
         .await
         .expect("the first generation");

@@ -7,24 +7,14 @@ use bytes::Bytes;
 use http::{HeaderMap, Response, StatusCode};
 use serde_json::{json, Value};
 
-use crate::error::GatewayError;
 use crate::pipeline::authenticate;
 use crate::pipeline::respond::{error_response, json_response, ResponseBody};
 use crate::reload::Reloader;
 
 /// `GET /admin/status`.
-pub fn status(reloader: &Reloader, headers: &HeaderMap) -> Response<ResponseBody> {
+pub async fn status(reloader: &Reloader, headers: &HeaderMap) -> Response<ResponseBody> {
     let generation = reloader.current();
-    let allowed = authenticate::authenticate(&generation.keys, headers).and_then(|principal| {
-        if principal.is_master || generation.keys.is_open() {
-            Ok(())
-        } else {
-            Err(GatewayError::Forbidden(
-                "the admin routes need the master key".into(),
-            ))
-        }
-    });
-    if let Err(err) = allowed {
+    if let Err(err) = authenticate::require_master(&generation, headers).await {
         return error_response(&err, None);
     }
     let plugins: Vec<Value> = generation

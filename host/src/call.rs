@@ -3,8 +3,10 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use http::{HeaderName, HeaderValue};
 use tokio::time::Instant;
 
+use crate::governance::Admission;
 use crate::pipeline::authenticate::Principal;
 use crate::providers::{Endpoint, JsonObject, Usage};
 use crate::router::Deployment;
@@ -39,6 +41,10 @@ pub struct Call {
     pub cost: f64,
     /// Each guardrail that ran and its outcome: allow, block, rewrite or error.
     pub guardrails: Vec<(String, &'static str)>,
+    /// A stored key's rate-limit and spend headers, for the response whatever it is.
+    pub key_headers: Vec<(HeaderName, HeaderValue)>,
+    /// A stored key's hold on its limits, released when the call ends.
+    pub admission: Option<Arc<Admission>>,
 }
 
 impl Call {
@@ -63,6 +69,8 @@ impl Call {
             usage: None,
             cost: 0.0,
             guardrails: Vec::new(),
+            key_headers: Vec::new(),
+            admission: None,
         }
     }
 

@@ -31,12 +31,19 @@ pub enum GatewayError {
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     UnsupportedMediaType(String),
-    /// The upstream said 429 and retries and fallbacks could not find capacity elsewhere.
+    /// A rate limit was reached: the upstream's (and retries and fallbacks could not find
+    /// capacity elsewhere) or the caller's own.
     #[error("{message}")]
     RateLimited {
         message: String,
-        retry_after_s: Option<u64>,
+        retry_after_ms: Option<u64>,
     },
+    /// The caller's key, team or user has spent its budget.
+    #[error("{message}")]
+    BudgetExceeded { message: String, status: StatusCode },
+    /// A management route's key, team or user does not exist.
+    #[error("{0}")]
+    NotFound(String),
     /// The upstream failed (5xx, bad answer, connection error).
     #[error("{message}")]
     Upstream { status: StatusCode, message: String },
@@ -70,9 +77,10 @@ impl GatewayError {
             }
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
-            GatewayError::ModelNotFound(_) | GatewayError::RouteNotFound(_) => {
-                StatusCode::NOT_FOUND
-            }
+            GatewayError::ModelNotFound(_)
+            | GatewayError::RouteNotFound(_)
+            | GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
+            GatewayError::BudgetExceeded { status, .. } => *status,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -92,12 +100,14 @@ impl GatewayError {
             GatewayError::InvalidRequest { .. }
             | GatewayError::ModelNotFound(_)
             | GatewayError::RouteNotFound(_)
+            | GatewayError::NotFound(_)
             | GatewayError::MethodNotAllowed(_)
             | GatewayError::PayloadTooLarge { .. }
             | GatewayError::UnsupportedMediaType(_) => "invalid_request_error",
             GatewayError::Unauthorized(_) => "authentication_error",
             GatewayError::Forbidden(_) => "permission_error",
             GatewayError::RateLimited { .. } => "rate_limit_error",
+            GatewayError::BudgetExceeded { .. } => "budget_exceeded",
             GatewayError::Blocked { .. } => "guardrail_violation",
             GatewayError::PluginFailed(_) => "plugin_error",
             GatewayError::Upstream { .. }
@@ -115,6 +125,8 @@ impl GatewayError {
             GatewayError::RouteNotFound(_) => Some("unknown_url"),
             GatewayError::PayloadTooLarge { .. } => Some("request_too_large"),
             GatewayError::RateLimited { .. } => Some("rate_limit_exceeded"),
+            // What OpenAI answers for an exhausted quota; its SDKs do not retry it.
+            GatewayError::BudgetExceeded { .. } => Some("insufficient_quota"),
             GatewayError::Timeout(_) => Some("timeout"),
             GatewayError::Blocked { .. } => Some("guardrail_violation"),
             _ => None,
@@ -150,14 +162,15 @@ impl GatewayError {
     pub fn retry_headers(&self) -> Vec<(&'static str, HeaderValue)> {
         match self {
             GatewayError::RateLimited {
-                retry_after_s: Some(s),
+                retry_after_ms: Some(ms),
                 ..
             } => vec![
-                ("retry-after", HeaderValue::from(*s)),
-                ("retry-after-ms", HeaderValue::from(s.saturating_mul(1000))),
+                ("retry-after", HeaderValue::from(ms.div_ceil(1000))),
+                ("retry-after-ms", HeaderValue::from(*ms)),
             ],
-            // A client mistake will fail the same way again; tell the SDKs not to retry.
-            e if e.status().is_client_error() && e.status() != StatusCode::TOO_MANY_REQUESTS => {
+            // A client mistake or a spent budget will fail the same way again; tell the SDKs
+            // not to retry.
+            e if e.status().is_client_error() && !matches!(e, GatewayError::RateLimited { .. }) => {
                 vec![("x-should-retry", HeaderValue::from_static("false"))]
             }
             _ => Vec::new(),
@@ -175,7 +188,7 @@ impl From<ProviderError> for GatewayError {
             } => match status.as_u16() {
                 429 => GatewayError::RateLimited {
                     message,
-                    retry_after_s,
+                    retry_after_ms: retry_after_s.map(|s| s.saturating_mul(1000)),
                 },
                 // The client's own mistake, reported by the upstream: pass it on as such.
                 400 | 404 | 413 | 422 => GatewayError::invalid(message, None),

@@ -9,6 +9,7 @@ use std::time::SystemTime;
 
 use crate::config::{Config, GuardrailMode, StrategyName};
 use crate::extension::{CallHook, Enricher, Guardrail, RoutingStrategy};
+use crate::governance::Governance;
 use crate::pipeline::authenticate::KeyTable;
 use crate::pipeline::post_call::{LogHook, PostCallQueue};
 use crate::plugins::{
@@ -37,16 +38,22 @@ pub struct Shared {
     pub post_call: PostCallQueue,
     /// The WebAssembly engine and compiled-component cache.
     pub plugins: Arc<PluginRuntime>,
+    /// Stored keys, budgets, limits and spend; `None` only when checking a config.
+    pub governance: Option<Arc<Governance>>,
 }
 
 impl Shared {
     /// Starts what generations share: the upstream client, the post-call worker (on the current
     /// tokio runtime) with room for `post_call_queue` events, and the WebAssembly engine.
-    pub fn start(post_call_queue: usize) -> Result<Shared, PluginError> {
+    pub fn start(
+        post_call_queue: usize,
+        governance: Option<Arc<Governance>>,
+    ) -> Result<Shared, PluginError> {
         Ok(Shared {
             client: UpstreamClient::new(),
             post_call: PostCallQueue::start(post_call_queue),
             plugins: PluginRuntime::new()?,
+            governance,
         })
     }
 }
@@ -77,6 +84,7 @@ pub struct Generation {
     pub plugins: Vec<Arc<LoadedPlugin>>,
     pub client: UpstreamClient,
     pub post_call: PostCallQueue,
+    pub governance: Option<Arc<Governance>>,
 }
 
 impl Generation {
@@ -138,6 +146,7 @@ impl Generation {
             plugins,
             client: shared.client.clone(),
             post_call: shared.post_call.clone(),
+            governance: shared.governance.clone(),
             config,
         })
     }

@@ -7,6 +7,7 @@ pub mod cost;
 pub mod error;
 pub mod extension;
 pub mod generation;
+pub mod governance;
 pub mod json;
 pub mod openai;
 pub mod pipeline;

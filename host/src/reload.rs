@@ -413,6 +413,7 @@ fn warn_about_restart_only_changes(old: &Config, new: &Config) {
             "server.shutdown_drain_s",
             old.server.shutdown_drain_s != new.server.shutdown_drain_s,
         ),
+        ("store", old.store != new.store),
     ];
     for (field, _) in changed.iter().filter(|(_, changed)| *changed) {
         warn!(
@@ -446,7 +447,7 @@ mod tests {
 
         async fn reloader(&self) -> Arc<Reloader> {
             let config = Config::load(&self.path).expect("valid config");
-            let parts = generation::Shared::start(8).expect("engine");
+            let parts = generation::Shared::start(8, None).expect("engine");
             Reloader::start(self.path.clone(), config, parts)
                 .await
                 .expect("first generation")

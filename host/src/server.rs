@@ -26,6 +26,7 @@ use crate::admin;
 use crate::config::{Config, TlsConfig};
 use crate::error::GatewayError;
 use crate::generation::{self, Generation, GenerationError};
+use crate::governance::{self, store::StoreError, Governance};
 use crate::pipeline::respond::{error_response, json_response, ResponseBody};
 use crate::pipeline::{self};
 use crate::plugins::PluginError;
@@ -43,6 +44,8 @@ pub enum ServerError {
     Plugins(#[from] PluginError),
     #[error(transparent)]
     Generation(#[from] GenerationError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// A slow client may not hold a connection open by trickling its request head.
@@ -76,7 +79,10 @@ pub async fn serve(
     let tls = config.server.tls.as_ref().map(tls_acceptor).transpose()?;
     let drain = Duration::try_from_secs_f64(config.server.shutdown_drain_s)
         .unwrap_or(Duration::from_secs(30));
-    let shared_parts = generation::Shared::start(config.server.post_call_queue)?;
+    let governance =
+        Governance::start(&config.database_url(), config.store.budget_exceeded_status).await?;
+    let shared_parts =
+        generation::Shared::start(config.server.post_call_queue, Some(Arc::clone(&governance)))?;
     let reloader = Reloader::start(config_path, config, shared_parts).await?;
     if reloader.current().keys.is_open() {
         warn!("no keys configured: anyone who can reach this address may call every model");
@@ -161,6 +167,8 @@ pub async fn serve(
         () = graceful.shutdown() => info!("all connections drained"),
         () = tokio::time::sleep(drain) => warn!("drain time over: closing the remaining connections"),
     }
+    // After the drain, so the spend of the calls that finished during it is written too.
+    governance.shutdown().await;
     Ok(())
 }
 
@@ -183,7 +191,7 @@ async fn accept_tls(
 
 /// Builds the generation `config` would serve, plugins included, and drops it.
 pub async fn check_plugins(config: &Config) -> Result<(), ServerError> {
-    let shared = generation::Shared::start(1)?;
+    let shared = generation::Shared::start(1, None)?;
     Generation::build(config.clone(), &shared, None).await?;
     Ok(())
 }
@@ -242,14 +250,24 @@ async fn dispatch(shared: &Shared, request: Request<Incoming>) -> Response<Respo
         if method != Method::GET {
             return method_not_allowed(&method, &route, "GET");
         }
-        return pipeline::retrieve_model(&shared.reloader.current(), request.headers(), id);
+        return pipeline::retrieve_model(&shared.reloader.current(), request.headers(), id).await;
+    }
+    if let Some(allow) = governance::api::method_for(&route) {
+        if method != allow {
+            let allow = if allow == Method::POST { "POST" } else { "GET" };
+            return method_not_allowed(&method, &route, allow);
+        }
+        let generation = shared.reloader.current();
+        let query = request.uri().query().unwrap_or("").to_owned();
+        let (parts, body) = request.into_parts();
+        return governance::api::handle(&generation, &route, &query, &parts.headers, body).await;
     }
     match route.as_str() {
         "/models" if method == Method::GET => {
-            pipeline::list_models(&shared.reloader.current(), request.headers())
+            pipeline::list_models(&shared.reloader.current(), request.headers()).await
         }
         "/admin/status" if method == Method::GET => {
-            admin::status(&shared.reloader, request.headers())
+            admin::status(&shared.reloader, request.headers()).await
         }
         "/health/liveliness" | "/health/liveness" if method == Method::GET => json_response(
             StatusCode::OK,

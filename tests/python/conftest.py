@@ -1,5 +1,7 @@
 """Fixtures: a scriptable fake OpenAI upstream and one real Portcullis gateway for the session.
 
+Modules that need a gateway of their own (own config, restarts) use `start_gateway`.
+
 The gateway binary is the one `cargo build -p portcullis` produces; the suite never builds it.
 """
 
@@ -317,7 +319,6 @@ def _binary() -> Path:
 
 
 def _config(upstream_base: str) -> dict:
-    # JSON is valid YAML, so no YAML library is needed to write it.
     return {
         "server": {
             "listen": "127.0.0.1:0",  # the gateway prints the port it picked
@@ -361,18 +362,36 @@ class Gateway:
     url: str  # http://127.0.0.1:PORT, without /v1
     process: subprocess.Popen
     stderr_path: Path
+    config: dict = field(default_factory=dict)
+    workdir: Path | None = None
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
+    def stop(self) -> None:
+        """Graceful stop; fails the test unless the gateway exits 0."""
+        stop_gracefully(self.process, self.stderr)
 
-@pytest.fixture(scope="session")
-def gateway(fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Gateway:
+    def restart(self) -> "Gateway":
+        """Stops this gateway and starts a new one on the same config and directory."""
+        self.stop()
+        assert self.workdir is not None
+        return start_gateway(self.config, self.workdir)
+
+
+def start_gateway(config: dict, workdir: Path) -> Gateway:
+    """Writes `config` into `workdir`, starts the gateway on it and returns it once ready.
+
+    Starting again on the same directory reuses the config file and anything the gateway stored
+    beside it; each start logs to its own file, so the "listening" line found is this start's.
+    """
     binary = _binary()
-    workdir = tmp_path_factory.mktemp("gateway")
+    workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "portcullis.yaml"
-    config_path.write_text(json.dumps(_config(fake_upstream.base_url), indent=2))
-    stderr_path = workdir / "stderr.log"
+    # JSON is valid YAML, so no YAML library is needed to write it.
+    config_path.write_text(json.dumps(config, indent=2))
+    starts = len(list(workdir.glob("stderr*.log")))
+    stderr_path = workdir / ("stderr.log" if starts == 0 else f"stderr.{starts}.log")
     env = dict(os.environ, PORTCULLIS_LOG=os.environ.get("PORTCULLIS_LOG", "info"))
     with open(stderr_path, "wb") as stderr:
         # Logs go to a file, not a pipe: a pipe nobody drains would block the gateway.
@@ -381,8 +400,9 @@ def gateway(fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactor
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
+            env=env,
         )
-    gw = Gateway(url="", process=process, stderr_path=stderr_path)
+    gw = Gateway(url="", process=process, stderr_path=stderr_path, config=config, workdir=workdir)
 
     def give_up(why: str) -> None:
         if process.poll() is None:
@@ -413,12 +433,21 @@ def gateway(fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactor
         if time.monotonic() > deadline:
             give_up(f"/health/readiness not 200 within {READY_TIMEOUT_S:.0f}s")
         time.sleep(0.05)
+    return gw
 
+
+def finish_gateway(gw: Gateway) -> None:
+    """Fixture teardown: the gateway must have survived its tests and must stop gracefully."""
+    if gw.process.poll() is not None:
+        pytest.fail(f"the gateway died during the tests (status {gw.process.returncode})\n{gw.stderr()}", pytrace=False)
+    gw.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Gateway:
+    gw = start_gateway(_config(fake_upstream.base_url), tmp_path_factory.mktemp("gateway"))
     yield gw
-
-    if process.poll() is not None:
-        pytest.fail(f"the gateway died during the suite (status {process.returncode})\n{gw.stderr()}", pytrace=False)
-    stop_gracefully(process, gw.stderr)
+    finish_gateway(gw)
 
 
 @pytest.fixture

@@ -26,6 +26,8 @@ pub struct Config {
     pub router: RouterConfig,
     #[serde(default)]
     pub plugins: PluginsConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
     /// The directory of the config file: relative paths in the config start here.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -85,6 +87,27 @@ pub struct KeyConfig {
     /// Guardrails that run for this key's calls besides the `default_on` ones.
     #[serde(default)]
     pub guardrails: Vec<String>,
+}
+
+/// Where stored keys, teams, users and spend live. Read at start only: a reload that changes it
+/// is refused.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `sqlite://PATH` or `postgres://...`; absent means `portcullis.db` beside the config.
+    pub database_url: Option<String>,
+    /// 429 (the default, which the OpenAI SDKs raise as a rate-limit error without retrying) or
+    /// 422, as LiteLLM's newer releases answer an exhausted budget.
+    pub budget_exceeded_status: u16,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            database_url: None,
+            budget_exceeded_status: 429,
+        }
+    }
 }
 
 /// One deployment. Entries sharing `name` form a model group.
@@ -351,6 +374,27 @@ impl Config {
     }
 
     /// Where an enabled plugin's file is.
+    /// The database to open: the configured URL, or the SQLite file beside the config.
+    pub fn database_url(&self) -> String {
+        let url = self
+            .store
+            .database_url
+            .clone()
+            .unwrap_or_else(|| "sqlite://portcullis.db".to_owned());
+        let Some(file) = url.strip_prefix("sqlite://") else {
+            return url;
+        };
+        // A relative file is beside the config, like every other path in it; the file is
+        // created on first start unless the URL says otherwise.
+        let path = if file.starts_with('/') || file.starts_with(':') {
+            file.to_owned()
+        } else {
+            self.base_dir.join(file).display().to_string()
+        };
+        let mode = if path.contains('?') { "" } else { "?mode=rwc" };
+        format!("sqlite://{path}{mode}")
+    }
+
     pub fn plugin_path(&self, plugin: &PluginConfig) -> PathBuf {
         self.resolve(&self.plugins.dir).join(&plugin.path)
     }
@@ -419,6 +463,21 @@ impl Config {
         }
         if self.auth.master_key.as_deref() == Some("") {
             return Err(ConfigError::field("auth.master_key", "must not be empty"));
+        }
+        if let Some(url) = &self.store.database_url {
+            let known = ["sqlite:", "postgres://", "postgresql://"];
+            if !known.iter().any(|scheme| url.starts_with(scheme)) {
+                return Err(ConfigError::field(
+                    "store.database_url",
+                    "must start with sqlite:, postgres:// or postgresql://",
+                ));
+            }
+        }
+        if ![422, 429].contains(&self.store.budget_exceeded_status) {
+            return Err(ConfigError::field(
+                "store.budget_exceeded_status",
+                "must be 429 or 422",
+            ));
         }
         let mut plugin_names = HashSet::new();
         for (i, plugin) in self.plugins.enabled.iter().enumerate() {

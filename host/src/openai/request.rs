@@ -132,6 +132,15 @@ impl ApiRequest {
         })
     }
 
+    /// The most tokens the client lets the answer have (`max_completion_tokens` or the older
+    /// `max_tokens`), 0 if it sets no bound.
+    pub fn max_output_tokens(&self) -> u64 {
+        ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .find_map(|field| self.body.get(*field).and_then(serde_json::Value::as_u64))
+            .unwrap_or(0)
+    }
+
     /// The texts a plugin checks: chat messages, a completion's prompts, or embedding inputs
     /// (the last two as user messages, in order).
     pub fn texts(&self) -> Vec<TextView> {

@@ -1,5 +1,6 @@
-//! Stage 1: who is calling. Resolves the `Authorization: Bearer` key to a [`Principal`], and later
-//! checks that the principal may call the model it asked for.
+//! Stage 1: who is calling. Resolves the `Authorization: Bearer` key to a [`Principal`] (a static
+//! key from the config, or a stored one through [`Governance`]), and later checks that the
+//! principal may call the model it asked for, within its budgets and rate limits.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -8,17 +9,24 @@ use http::HeaderMap;
 
 use crate::config::AuthConfig;
 use crate::error::GatewayError;
+use crate::generation::Generation;
+use crate::governance::{secret, Governance, Governed};
 
 /// A caller: a key and what it may do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Principal {
     pub alias: Option<String>,
     pub team: Option<String>,
+    pub user: Option<String>,
+    /// The key's SHA-256, as spend logs name it; `None` for an open gateway.
+    pub token: Option<String>,
     /// Model groups this caller may use; `None` means all.
     pub models: Option<HashSet<String>>,
     /// Guardrails that run for this caller besides the default ones.
     pub guardrails: Vec<String>,
     pub is_master: bool,
+    /// A stored key's budgets, limits and counters.
+    pub governed: Option<Governed>,
 }
 
 impl Principal {
@@ -44,9 +52,12 @@ impl KeyTable {
                 let principal = Principal {
                     alias: k.alias.clone(),
                     team: k.team.clone(),
+                    user: None,
+                    token: Some(secret::hash_key(&k.key)),
                     models: k.models.as_ref().map(|m| m.iter().cloned().collect()),
                     guardrails: k.guardrails.clone(),
                     is_master: false,
+                    governed: None,
                 };
                 (k.key.clone(), Arc::new(principal))
             })
@@ -55,9 +66,12 @@ impl KeyTable {
             let principal = Principal {
                 alias: Some("master".into()),
                 team: None,
+                user: None,
+                token: Some(secret::hash_key(master)),
                 models: None,
                 guardrails: Vec::new(),
                 is_master: true,
+                governed: None,
             };
             keys.insert(master.clone(), Arc::new(principal));
         }
@@ -65,9 +79,12 @@ impl KeyTable {
             Arc::new(Principal {
                 alias: None,
                 team: None,
+                user: None,
+                token: None,
                 models: None,
                 guardrails: Vec::new(),
                 is_master: false,
+                governed: None,
             })
         });
         KeyTable { keys, open }
@@ -78,21 +95,78 @@ impl KeyTable {
     }
 }
 
-/// Finds the caller's key in the request headers and resolves it.
-pub fn authenticate(keys: &KeyTable, headers: &HeaderMap) -> Result<Arc<Principal>, GatewayError> {
+/// Finds the caller's key in the request headers and resolves it: static keys first, then the
+/// store's.
+pub async fn authenticate(
+    generation: &Generation,
+    headers: &HeaderMap,
+) -> Result<Arc<Principal>, GatewayError> {
+    match static_key(&generation.keys, headers)? {
+        Lookup::Found(principal) => Ok(principal),
+        Lookup::NotStatic(key) => match &generation.governance {
+            Some(governance) => governance.resolve(key).await,
+            // The key itself is never echoed: a near-miss of a real key is still a secret.
+            None => Err(GatewayError::Unauthorized("invalid API key".into())),
+        },
+    }
+}
+
+/// The operator routes' check: the master key (or anyone, on a gateway with no keys at all).
+pub async fn require_master(
+    generation: &Generation,
+    headers: &HeaderMap,
+) -> Result<Arc<Principal>, GatewayError> {
+    let principal = authenticate(generation, headers).await?;
+    if principal.is_master || generation.keys.is_open() {
+        Ok(principal)
+    } else {
+        Err(GatewayError::Forbidden(
+            "this route needs the master key".into(),
+        ))
+    }
+}
+
+enum Lookup<'h> {
+    Found(Arc<Principal>),
+    NotStatic(&'h str),
+}
+
+fn static_key<'h>(keys: &KeyTable, headers: &'h HeaderMap) -> Result<Lookup<'h>, GatewayError> {
     if let Some(open) = &keys.open {
-        return Ok(Arc::clone(open));
+        return Ok(Lookup::Found(Arc::clone(open)));
     }
     let key = presented_key(headers).ok_or_else(|| {
         GatewayError::Unauthorized(
             "missing API key: send it in the header 'Authorization: Bearer <key>'".into(),
         )
     })?;
-    // The key itself is never echoed: a near-miss of a real key is still a secret.
-    keys.keys
-        .get(key)
-        .cloned()
-        .ok_or_else(|| GatewayError::Unauthorized("invalid API key".into()))
+    Ok(match keys.keys.get(key) {
+        Some(principal) => Lookup::Found(Arc::clone(principal)),
+        None => Lookup::NotStatic(key),
+    })
+}
+
+/// Budgets and rate limits of a stored key, its team and its user; `prompt_tokens` is the call's
+/// estimated size, reserved against token limits. Static keys have none.
+pub fn admit(
+    governance: Option<&Governance>,
+    call: &mut crate::call::Call,
+    prompt_tokens: impl FnOnce() -> u64,
+) -> Result<(), GatewayError> {
+    let (Some(governance), Some(principal)) = (governance, call.principal.clone()) else {
+        return Ok(());
+    };
+    let Some(governed) = &principal.governed else {
+        return Ok(());
+    };
+    let tokens = if governed.limits_tokens() {
+        prompt_tokens()
+    } else {
+        0
+    };
+    let admission = governance.admit(call, governed, tokens)?;
+    call.admission = Some(Arc::new(admission));
+    Ok(())
 }
 
 /// `Authorization: Bearer <key>`, or Azure's `api-key` header that some SDKs send instead.
@@ -160,21 +234,28 @@ mod tests {
     #[test]
     fn bearer_keys_resolve_and_unknown_ones_fail() {
         let keys = table();
-        let a = authenticate(&keys, &headers("authorization", "Bearer sk-a")).expect("known");
+        let a = found(&keys, &headers("authorization", "Bearer sk-a")).expect("known");
         assert_eq!(a.alias.as_deref(), Some("team-a"));
         assert!(
-            authenticate(&keys, &headers("api-key", "sk-master"))
+            found(&keys, &headers("api-key", "sk-master"))
                 .expect("known")
                 .is_master
         );
-        assert!(authenticate(&keys, &headers("authorization", "Bearer nope")).is_err());
-        assert!(authenticate(&keys, &HeaderMap::new()).is_err());
+        assert!(found(&keys, &headers("authorization", "Bearer nope")).is_none());
+        assert!(static_key(&keys, &HeaderMap::new()).is_err());
+    }
+
+    fn found(keys: &KeyTable, headers: &HeaderMap) -> Option<Arc<Principal>> {
+        match static_key(keys, headers).expect("a key is sent") {
+            Lookup::Found(p) => Some(p),
+            Lookup::NotStatic(_) => None,
+        }
     }
 
     #[test]
     fn model_permissions() {
         let keys = table();
-        let a = authenticate(&keys, &headers("authorization", "Bearer sk-a")).expect("known");
+        let a = found(&keys, &headers("authorization", "Bearer sk-a")).expect("known");
         assert!(authorize_model(&a, "m1", true).is_ok());
         assert!(matches!(
             authorize_model(&a, "m2", true),
@@ -190,6 +271,6 @@ mod tests {
     fn no_keys_means_open() {
         let keys = KeyTable::from_config(&AuthConfig::default());
         assert!(keys.is_open());
-        assert!(authenticate(&keys, &HeaderMap::new()).is_ok());
+        assert!(found(&keys, &HeaderMap::new()).is_some());
     }
 }

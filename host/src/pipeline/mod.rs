@@ -52,7 +52,8 @@ where
                 ready.stream_guards,
             ),
             Err(err) => {
-                let response = respond::error_response(&err, Some(&call.id));
+                let mut response = respond::error_response(&err, Some(&call.id));
+                respond::add_key_headers(&mut response, &call);
                 if err.status().is_server_error() {
                     tracing::warn!(status = err.status().as_u16(), error = %err, "call failed");
                 } else {
@@ -64,9 +65,7 @@ where
                         status: err.status().as_u16(),
                         message: err.to_string(),
                     };
-                    generation
-                        .post_call
-                        .submit(&generation.hooks, call.record(outcome));
+                    post_call::finish(&generation, call, outcome);
                 }
                 response
             }
@@ -86,7 +85,7 @@ where
     B: Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    let principal = authenticate::authenticate(&generation.keys, headers)?;
+    let principal = authenticate::authenticate(generation, headers).await?;
     call.principal = Some(Arc::clone(&principal));
     let limit = generation.config.server.max_request_bytes;
     let bytes = validate::read_body(headers, body, limit).await?;
@@ -98,6 +97,9 @@ where
         &call.model,
         generation.router.has_group(&call.model),
     )?;
+    authenticate::admit(generation.governance.as_deref(), call, || {
+        route::estimate_prompt_tokens(&request) + request.max_output_tokens()
+    })?;
     guardrails::pre_call(generation, call, &mut request).await?;
     let during = guardrails::DuringCall::select(generation, call, &request);
     let stream_guards = guardrails::StreamGuards::select(generation, call, &request);
@@ -139,8 +141,8 @@ struct Ready {
 }
 
 /// `GET /v1/models`: the model groups the caller's key may use, in OpenAI's list shape.
-pub fn list_models(generation: &Generation, headers: &HeaderMap) -> Response<ResponseBody> {
-    let principal = match authenticate::authenticate(&generation.keys, headers) {
+pub async fn list_models(generation: &Generation, headers: &HeaderMap) -> Response<ResponseBody> {
+    let principal = match authenticate::authenticate(generation, headers).await {
         Ok(p) => p,
         Err(err) => return respond::error_response(&err, None),
     };
@@ -156,16 +158,18 @@ pub fn list_models(generation: &Generation, headers: &HeaderMap) -> Response<Res
 }
 
 /// `GET /v1/models/{id}`: one model, if the caller's key may use it.
-pub fn retrieve_model(
+pub async fn retrieve_model(
     generation: &Generation,
     headers: &HeaderMap,
     id: &str,
 ) -> Response<ResponseBody> {
-    let found = authenticate::authenticate(&generation.keys, headers).and_then(|principal| {
-        // A model the key may not use is reported as absent, as OpenAI does.
-        let visible = generation.router.has_group(id) && principal.may_use(id);
-        authenticate::authorize_model(&principal, id, visible)
-    });
+    let found = authenticate::authenticate(generation, headers)
+        .await
+        .and_then(|principal| {
+            // A model the key may not use is reported as absent, as OpenAI does.
+            let visible = generation.router.has_group(id) && principal.may_use(id);
+            authenticate::authorize_model(&principal, id, visible)
+        });
     match found {
         Ok(()) => respond::json_response(StatusCode::OK, Bytes::from(model_object(id).to_string())),
         Err(err) => respond::error_response(&err, None),

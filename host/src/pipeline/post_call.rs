@@ -11,10 +11,26 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::call::CallRecord;
+use crate::call::{Call, CallRecord, Outcome};
 use crate::extension::{ready, BoxFuture, CallHook};
+use crate::generation::Generation;
 
 type Hooks = Arc<[Arc<dyn CallHook>]>;
+
+/// Ends a call: its usage settles its key's token reservation, its cost is charged to the key's
+/// counters (at once, before the caller can send another request) and queued for the store, its
+/// parallel slot is freed, and the hooks get its record.
+pub fn finish(generation: &Generation, call: Call, outcome: Outcome) {
+    if let (Some(admission), Some(usage)) = (&call.admission, call.usage) {
+        admission.settle(usage.total_tokens);
+    }
+    if let Some(governance) = &generation.governance {
+        governance.charge(&call, &outcome);
+    }
+    generation
+        .post_call
+        .submit(&generation.hooks, call.record(outcome));
+}
 
 /// The handle stages use to hand finished calls to the hooks; cheap to clone.
 #[derive(Debug, Clone)]

@@ -78,8 +78,8 @@ pub fn respond(
             let mut response = json_response(StatusCode::OK, body);
             add_headers(&mut response, &call, &deployment, Some(call.cost));
             drop(in_flight);
-            let record = call.record(Outcome::Success);
-            generation.post_call.submit(&generation.hooks, record);
+            // Charged before the client has the answer: its next request sees the spend.
+            super::post_call::finish(&generation, call, Outcome::Success);
             response
         }
         Answer::Stream { first, rest } => {
@@ -138,6 +138,15 @@ fn add_headers(
         &call.attempts.saturating_sub(1).to_string(),
     );
     put(ATTEMPTED_FALLBACKS, &call.fallbacks.to_string());
+    add_key_headers(response, call);
+}
+
+/// A stored key's rate-limit and spend headers, on success and refusal alike.
+pub fn add_key_headers(response: &mut Response<ResponseBody>, call: &Call) {
+    let headers = response.headers_mut();
+    for (name, value) in &call.key_headers {
+        headers.insert(name.clone(), value.clone());
+    }
 }
 
 // Names made at compile time: `from_static` at run time checks the name against every standard
@@ -327,14 +336,18 @@ struct StreamEnd {
 
 impl StreamEnd {
     fn finish(self, outcome: Outcome) {
-        if let Some(usage) = self.call.usage {
-            self.deployment.record_tokens(usage.total_tokens);
+        let StreamEnd {
+            generation,
+            call,
+            deployment,
+            in_flight,
+        } = self;
+        if let Some(usage) = call.usage {
+            deployment.record_tokens(usage.total_tokens);
         }
-        drop(self.in_flight);
-        let record = self.call.record(outcome);
-        self.generation
-            .post_call
-            .submit(&self.generation.hooks, record);
+        drop(in_flight);
+        // Before the last frame goes out, so the next request sees this stream's spend.
+        super::post_call::finish(&generation, call, outcome);
     }
 }
 

@@ -92,9 +92,9 @@ pub async fn route(
                 let wait = Duration::from_millis(100 * 2u64.pow(retry.min(5)));
                 let wait = match &last_error {
                     Some(GatewayError::RateLimited {
-                        retry_after_s: Some(s),
+                        retry_after_ms: Some(ms),
                         ..
-                    }) => Duration::from_secs(*s).max(wait),
+                    }) => Duration::from_millis(*ms).max(wait),
                     _ => wait,
                 }
                 .min(MAX_BACKOFF);
@@ -165,8 +165,8 @@ async fn attempt(
     }
 }
 
-/// A prompt-size estimate for usage-aware routing.
-fn estimate_prompt_tokens(request: &ApiRequest) -> u64 {
+/// A prompt-size estimate, for usage-aware routing and token rate limits.
+pub fn estimate_prompt_tokens(request: &ApiRequest) -> u64 {
     let body = &request.body;
     match body.get("messages").and_then(|m| m.as_array()) {
         Some(messages) => messages

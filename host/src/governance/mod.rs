@@ -1,0 +1,582 @@
+//! Governance: stored keys with their teams and users, budgets, rate limits and spend.
+//!
+//! The store ([`store`]) is the record; the request path never waits on it for a key it has seen.
+//! Resolved keys live in a cache here, which the management routes ([`api`]) invalidate on every
+//! change and a TTL refreshes in the background. Counters ([`limits`]) live in memory, one set per
+//! key, team and user, kept across cache refreshes. Spend is added to them before a response is
+//! sent, so the very next request sees it, and reaches the store in batches once a second and on
+//! shutdown.
+
+pub mod api;
+pub mod limits;
+pub mod period;
+pub mod secret;
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, StatusCode};
+use tokio::time::Instant;
+
+use crate::call::{Call, Outcome};
+use crate::error::GatewayError;
+use crate::pipeline::authenticate::Principal;
+use limits::{Allowance, EntityId, EntityState, Kind, Refusal, Taken};
+use store::{KeyRecord, Policy, SpendDelta, SpendRow, Store, StoreError, StoredSpend};
+
+/// How long a resolved key is served before it is re-read in the background, in case a change
+/// made elsewhere did not reach this process.
+const CACHE_TTL: Duration = Duration::from_secs(30);
+/// Keys that do not exist are remembered too (so guessing costs no query), but not without bound.
+const MAX_REFUSED_ENTRIES: usize = 100_000;
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// The governance of one gateway process; shared by every generation.
+#[derive(Debug)]
+pub struct Governance {
+    store: Store,
+    budget_exceeded_status: StatusCode,
+    cache: RwLock<HashMap<String, Cached>>,
+    states: Mutex<HashMap<EntityId, Arc<EntityState>>>,
+    pending: Mutex<Pending>,
+    /// One flush at a time: the periodic one and the one at shutdown must not interleave.
+    flushing: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Clone)]
+struct Cached {
+    at: Instant,
+    found: Found,
+}
+
+#[derive(Debug, Clone)]
+enum Found {
+    Key(Arc<Principal>),
+    Refused(&'static str),
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    rows: Vec<SpendRow>,
+    deltas: Vec<SpendDelta>,
+}
+
+/// What a stored key brings to a call: its expiry and, key first, the policies and counters of the
+/// key, its team and its user.
+#[derive(Debug)]
+pub struct Governed {
+    pub key_id: String,
+    pub expires_at: Option<i64>,
+    pub entities: Vec<(Policy, Arc<EntityState>)>,
+}
+
+impl Governed {
+    /// Whether a token limit needs the call's size estimated.
+    pub fn limits_tokens(&self) -> bool {
+        self.entities.iter().any(|(p, _)| p.tpm_limit.is_some())
+    }
+}
+
+/// An admitted call's hold on its limits: the parallel slots it takes are freed when it drops.
+#[derive(Debug)]
+pub struct Admission {
+    taken: Vec<(Arc<EntityState>, Taken)>,
+}
+
+impl Admission {
+    /// Replaces the token reservation by the call's real usage.
+    pub fn settle(&self, used_tokens: u64) {
+        for (state, taken) in &self.taken {
+            if taken.tokens() > 0 {
+                state.settle_tokens(taken.tokens(), used_tokens);
+            }
+        }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        for (state, taken) in &self.taken {
+            state.end_call(*taken);
+        }
+    }
+}
+
+impl Governance {
+    /// Opens the store and starts the spend writer on the current tokio runtime.
+    pub async fn start(
+        database_url: &str,
+        budget_exceeded_status: u16,
+    ) -> Result<Arc<Governance>, StoreError> {
+        let store = Store::open(database_url).await?;
+        let governance = Arc::new(Governance {
+            store,
+            budget_exceeded_status: StatusCode::from_u16(budget_exceeded_status)
+                .unwrap_or(StatusCode::TOO_MANY_REQUESTS),
+            cache: RwLock::new(HashMap::new()),
+            states: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Pending::default()),
+            flushing: tokio::sync::Mutex::new(()),
+        });
+        let weak = Arc::downgrade(&governance);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(FLUSH_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(governance) = weak.upgrade() else {
+                    return;
+                };
+                governance.flush().await;
+            }
+        });
+        Ok(governance)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The caller of a stored key, from the cache or, the first time, the store.
+    pub async fn resolve(self: &Arc<Self>, key: &str) -> Result<Arc<Principal>, GatewayError> {
+        let token = secret::hash_key(key);
+        let now = Instant::now();
+        let cached = read(&self.cache).get(&token).cloned();
+        let found = match cached {
+            Some(cached) if now.duration_since(cached.at) < CACHE_TTL => cached.found,
+            Some(cached) => {
+                // Serve what we have; one background task re-reads it (the fresh timestamp
+                // keeps other requests from starting their own).
+                write(&self.cache).insert(
+                    token.clone(),
+                    Cached {
+                        at: now,
+                        found: cached.found.clone(),
+                    },
+                );
+                let governance = Arc::clone(self);
+                tokio::spawn(async move {
+                    if let Err(e) = governance.load(&token).await {
+                        tracing::warn!(error = %e, "cannot refresh a cached key");
+                    }
+                });
+                cached.found
+            }
+            None => self.load(&token).await.map_err(|e| {
+                tracing::warn!(error = %e, "cannot look up a key");
+                GatewayError::Unavailable("the key store is unavailable; try again".into())
+            })?,
+        };
+        match found {
+            Found::Key(principal) => {
+                let expired = principal
+                    .governed
+                    .as_ref()
+                    .and_then(|g| g.expires_at)
+                    .is_some_and(|at| at <= period::now_ms());
+                if expired {
+                    return Err(GatewayError::Unauthorized(
+                        "this API key has expired".into(),
+                    ));
+                }
+                Ok(principal)
+            }
+            Found::Refused(why) => Err(GatewayError::Unauthorized(why.into())),
+        }
+    }
+
+    /// Reads a key (with its team and user) from the store into the cache.
+    async fn load(&self, token: &str) -> Result<Found, StoreError> {
+        let found = match self.store.key_by_token(token).await? {
+            None => Found::Refused("invalid API key"),
+            Some(key) if key.deleted_at.is_some() => Found::Refused("this API key was deleted"),
+            Some(key) if key.blocked => Found::Refused("this API key is blocked"),
+            Some(key) => {
+                let team = match &key.team_id {
+                    Some(id) => self.store.team(id).await?,
+                    None => None,
+                };
+                let user = match &key.user_id {
+                    Some(id) => self.store.user(id).await?,
+                    None => None,
+                };
+                if team.as_ref().is_some_and(|t| t.blocked) {
+                    Found::Refused("this API key's team is blocked")
+                } else {
+                    Found::Key(Arc::new(self.principal(key, team, user)))
+                }
+            }
+        };
+        let mut cache = write(&self.cache);
+        if matches!(found, Found::Refused(_)) && cache.len() >= MAX_REFUSED_ENTRIES {
+            cache.retain(|_, c| matches!(c.found, Found::Key(_)));
+        }
+        cache.insert(
+            token.to_owned(),
+            Cached {
+                at: Instant::now(),
+                found: found.clone(),
+            },
+        );
+        Ok(found)
+    }
+
+    fn principal(
+        &self,
+        key: KeyRecord,
+        team: Option<store::TeamRecord>,
+        user: Option<store::UserRecord>,
+    ) -> Principal {
+        let mut entities = vec![(
+            key.policy.clone(),
+            self.state(Kind::Key, &key.id, key.spend),
+        )];
+        if let Some(team) = &team {
+            entities.push((
+                team.policy.clone(),
+                self.state(Kind::Team, &team.team_id, team.spend),
+            ));
+        }
+        if let Some(user) = &user {
+            entities.push((
+                user.policy.clone(),
+                self.state(Kind::User, &user.user_id, user.spend),
+            ));
+        }
+        // A model must be allowed by every one of key, team and user that lists models.
+        let models = entities
+            .iter()
+            .filter_map(|(policy, _)| policy.models.as_ref())
+            .fold(None::<std::collections::HashSet<String>>, |acc, list| {
+                let list: std::collections::HashSet<String> = list.iter().cloned().collect();
+                Some(match acc {
+                    None => list,
+                    Some(acc) => acc.intersection(&list).cloned().collect(),
+                })
+            });
+        Principal {
+            alias: key.key_alias.clone(),
+            team: key.team_id.clone(),
+            user: key.user_id.clone(),
+            token: Some(key.token.clone()),
+            models,
+            guardrails: key.guardrails.clone(),
+            is_master: false,
+            governed: Some(Governed {
+                key_id: key.id,
+                expires_at: key.expires_at,
+                entities,
+            }),
+        }
+    }
+
+    /// The live counters of an entity, created from its stored spend the first time.
+    fn state(&self, kind: Kind, id: &str, stored: StoredSpend) -> Arc<EntityState> {
+        let entity = EntityId {
+            kind,
+            id: id.to_owned(),
+        };
+        let mut states = lock(&self.states);
+        Arc::clone(states.entry(entity.clone()).or_insert_with(|| {
+            Arc::new(EntityState::new(entity, stored.spend, stored.period_start))
+        }))
+    }
+
+    /// The live spend of an entity, or `stored` if it has not been used since start.
+    pub fn spend_of(&self, kind: Kind, id: &str, policy: &Policy, stored: StoredSpend) -> f64 {
+        let entity = EntityId {
+            kind,
+            id: id.to_owned(),
+        };
+        let now = period::now_ms();
+        match lock(&self.states).get(&entity) {
+            Some(state) => state.spend(policy, now),
+            None if stored.period_start < policy.period_start(now) => 0.0,
+            None => stored.spend,
+        }
+    }
+
+    /// Forgets a key's cached resolution, so its next request reads the store.
+    pub fn invalidate(&self, token: &str) {
+        write(&self.cache).remove(token);
+    }
+
+    /// Forgets every cached key: a team or user changed, which any key may belong to.
+    pub fn invalidate_all(&self) {
+        write(&self.cache).clear();
+    }
+
+    /// Drops a deleted entity's counters.
+    pub fn forget(&self, kind: Kind, id: &str) {
+        lock(&self.states).remove(&EntityId {
+            kind,
+            id: id.to_owned(),
+        });
+    }
+
+    /// Checks budgets and takes rate-limit allowances for a call, key first, then team and user.
+    /// Sets the call's `x-ratelimit-*` and spend headers either way.
+    pub fn admit(
+        &self,
+        call: &mut Call,
+        governed: &Governed,
+        tokens: u64,
+    ) -> Result<Admission, GatewayError> {
+        let now_ms = period::now_ms();
+        let now = Instant::now();
+        if let Some((policy, key)) = governed.entities.first() {
+            call.key_headers
+                .push((KEY_SPEND, number(key.spend(policy, now_ms))));
+            if let Some(max) = policy.max_budget {
+                call.key_headers.push((KEY_MAX_BUDGET, number(max)));
+            }
+        }
+        for (policy, state) in &governed.entities {
+            let Some(max) = policy.max_budget else {
+                continue;
+            };
+            let spend = state.spend(policy, now_ms);
+            if spend >= max {
+                return Err(GatewayError::BudgetExceeded {
+                    message: format!(
+                        "budget exceeded for this {}: spend {spend} of max_budget {max}",
+                        state.id.kind.noun()
+                    ),
+                    status: self.budget_exceeded_status,
+                });
+            }
+        }
+        let mut admission = Admission { taken: Vec::new() };
+        for (policy, state) in &governed.entities {
+            if !policy.has_rate_limits() {
+                continue;
+            }
+            match state.take(policy, tokens, now) {
+                Ok(taken) => admission.taken.push((Arc::clone(state), taken)),
+                Err(refusal) => {
+                    for (state, taken) in admission.taken.drain(..) {
+                        state.give_back(taken);
+                    }
+                    push_allowances(call, state.allowances(policy, now));
+                    return Err(rate_limited(state.id.kind, &refusal));
+                }
+            }
+        }
+        // The headers describe the first of key, team and user that has limits.
+        if let Some((policy, state)) = governed
+            .entities
+            .iter()
+            .find(|(policy, _)| policy.has_rate_limits())
+        {
+            push_allowances(call, state.allowances(policy, now));
+        }
+        Ok(admission)
+    }
+
+    /// Counts a finished call's cost against its key, team and user, now, and queues its spend
+    /// row for the store.
+    pub fn charge(&self, call: &Call, outcome: &Outcome) {
+        let Some(principal) = &call.principal else {
+            return;
+        };
+        let now_ms = period::now_ms();
+        let mut deltas = Vec::new();
+        if let Some(governed) = &principal.governed {
+            if call.cost > 0.0 {
+                for (policy, state) in &governed.entities {
+                    let period_start = state.add_spend(policy, call.cost, now_ms);
+                    deltas.push(SpendDelta {
+                        entity: state.id.clone(),
+                        period_start,
+                        amount: call.cost,
+                    });
+                }
+            }
+        }
+        let usage = call.usage.unwrap_or_default();
+        let started = call
+            .received_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(now_ms, |d| i64::try_from(d.as_millis()).unwrap_or(now_ms));
+        let row = SpendRow {
+            request_id: call.id.clone(),
+            api_key: principal.token.clone().unwrap_or_default(),
+            key_alias: principal.alias.clone(),
+            spend: call.cost,
+            prompt_tokens: saturating(usage.prompt_tokens),
+            completion_tokens: saturating(usage.completion_tokens),
+            total_tokens: saturating(usage.total_tokens),
+            model: call
+                .deployment
+                .as_ref()
+                .map(|d| d.upstream.model.clone())
+                .unwrap_or_default(),
+            model_group: call.model.clone(),
+            model_id: call
+                .deployment
+                .as_ref()
+                .map(|d| d.id.clone())
+                .unwrap_or_default(),
+            user_id: principal.user.clone(),
+            team_id: principal.team.clone(),
+            end_user: call.end_user.clone(),
+            start_time: started,
+            end_time: now_ms,
+            status: if *outcome == Outcome::Success {
+                "success"
+            } else {
+                "failure"
+            },
+        };
+        let mut pending = lock(&self.pending);
+        pending.rows.push(row);
+        pending.deltas.extend(deltas);
+    }
+
+    /// Writes the spend queued so far; on failure it stays queued for the next try.
+    pub async fn flush(&self) {
+        let _one_at_a_time = self.flushing.lock().await;
+        let Pending { rows, deltas } = std::mem::take(&mut *lock(&self.pending));
+        if rows.is_empty() && deltas.is_empty() {
+            return;
+        }
+        let deltas = merge(deltas);
+        if let Err(e) = self.store.write_spend(&rows, &deltas).await {
+            tracing::warn!(error = %e, rows = rows.len(), "cannot write spend; will retry");
+            let mut pending = lock(&self.pending);
+            let later_rows = std::mem::replace(&mut pending.rows, rows);
+            pending.rows.extend(later_rows);
+            let later_deltas = std::mem::replace(&mut pending.deltas, deltas);
+            pending.deltas.extend(later_deltas);
+        }
+    }
+
+    /// Writes what is queued and closes the store: the last step of a graceful shutdown.
+    pub async fn shutdown(&self) {
+        self.flush().await;
+        if !lock(&self.pending).rows.is_empty() {
+            tracing::error!("spend not written at shutdown: the store is unavailable");
+        }
+        self.store.close().await;
+    }
+}
+
+const KEY_SPEND: HeaderName = HeaderName::from_static("x-portcullis-key-spend");
+const KEY_MAX_BUDGET: HeaderName = HeaderName::from_static("x-portcullis-key-max-budget");
+const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+
+fn push_allowances(call: &mut Call, (requests, tokens): (Option<Allowance>, Option<Allowance>)) {
+    let names = [
+        (
+            requests,
+            [LIMIT_REQUESTS, REMAINING_REQUESTS, RESET_REQUESTS],
+        ),
+        (tokens, [LIMIT_TOKENS, REMAINING_TOKENS, RESET_TOKENS]),
+    ];
+    for (allowance, [limit, remaining, reset]) in names {
+        if let Some(a) = allowance {
+            call.key_headers.push((limit, HeaderValue::from(a.limit)));
+            call.key_headers
+                .push((remaining, HeaderValue::from(a.remaining)));
+            if let Ok(value) = HeaderValue::from_str(&limits::reset_text(a.reset)) {
+                call.key_headers.push((reset, value));
+            }
+        }
+    }
+}
+
+fn rate_limited(kind: Kind, refusal: &Refusal) -> GatewayError {
+    let retry_after_ms = u64::try_from(refusal.retry_after.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    GatewayError::RateLimited {
+        message: format!(
+            "rate limit reached for this {}: {} {}; try again in {} ms",
+            kind.noun(),
+            refusal.limit,
+            refusal.what,
+            retry_after_ms
+        ),
+        retry_after_ms: Some(retry_after_ms),
+    }
+}
+
+fn number(value: f64) -> HeaderValue {
+    HeaderValue::from_str(&value.to_string()).unwrap_or(HeaderValue::from_static("0"))
+}
+
+fn saturating(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// One delta per entity and period: a second's calls become one `UPDATE` each.
+fn merge(deltas: Vec<SpendDelta>) -> Vec<SpendDelta> {
+    let mut merged: Vec<SpendDelta> = Vec::new();
+    let mut index: HashMap<(EntityId, i64), usize> = HashMap::new();
+    for delta in deltas {
+        match index.get(&(delta.entity.clone(), delta.period_start)) {
+            Some(&i) => merged[i].amount += delta.amount,
+            None => {
+                index.insert((delta.entity.clone(), delta.period_start), merged.len());
+                merged.push(delta);
+            }
+        }
+    }
+    merged
+}
+
+// Poisoning means a panic elsewhere mid-update of plain maps: still consistent enough to serve.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deltas_merge_per_entity_and_period() {
+        let key = EntityId {
+            kind: Kind::Key,
+            id: "k".into(),
+        };
+        let team = EntityId {
+            kind: Kind::Team,
+            id: "t".into(),
+        };
+        let delta = |entity: &EntityId, period_start, amount| SpendDelta {
+            entity: entity.clone(),
+            period_start,
+            amount,
+        };
+        let merged = merge(vec![
+            delta(&key, 0, 1.0),
+            delta(&team, 0, 2.0),
+            delta(&key, 0, 0.5),
+            delta(&key, 10, 4.0),
+        ]);
+        assert_eq!(
+            merged,
+            vec![
+                delta(&key, 0, 1.5),
+                delta(&team, 0, 2.0),
+                delta(&key, 10, 4.0)
+            ]
+        );
+    }
+}

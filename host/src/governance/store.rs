@@ -1,0 +1,878 @@
+//! The database: keys, teams, users and spend logs, in SQLite or Postgres through one query layer
+//! (sqlx's `Any` driver). **Every query is written once, in SQL both engines accept**; the schema
+//! is versioned migrations compiled into the binary.
+
+use std::borrow::Cow;
+
+use serde_json::Value;
+use sqlx::any::{AnyArguments, AnyPoolOptions, AnyRow};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::query::Query;
+use sqlx::{Any, AnyPool, AssertSqlSafe, Row, SqlSafeStr};
+
+use super::limits::{EntityId, Kind};
+use super::period::Span;
+use crate::providers::JsonObject;
+
+/// What the store could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the database {url}: {error}")]
+    Open { url: String, error: sqlx::Error },
+    #[error("cannot migrate the database: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Query(#[from] sqlx::Error),
+    #[error("the database holds a bad value in {column}: {error}")]
+    Corrupt {
+        column: &'static str,
+        error: serde_json::Error,
+    },
+}
+
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "keys, teams, users and spend logs",
+    include_str!("../../migrations/0001_governance.sql"),
+)];
+
+/// The budget and limits a key, team and user each may have.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Policy {
+    /// Model groups allowed; `None` means all.
+    pub models: Option<Vec<String>>,
+    pub max_budget: Option<f64>,
+    /// As written (`30d`); checked when set.
+    pub budget_duration: Option<String>,
+    /// Budget periods run back to back from here (creation, or when the duration last changed).
+    pub budget_anchor: i64,
+    pub rpm_limit: Option<u64>,
+    pub tpm_limit: Option<u64>,
+    pub max_parallel_requests: Option<u64>,
+}
+
+impl Policy {
+    fn span(&self) -> Option<Span> {
+        self.budget_duration.as_deref().and_then(Span::parse)
+    }
+
+    /// The start of the budget period holding `now_ms`; 0 without a `budget_duration`.
+    pub fn period_start(&self, now_ms: i64) -> i64 {
+        self.span()
+            .map_or(0, |span| span.period_start(self.budget_anchor, now_ms))
+    }
+
+    /// When the budget period holding `now_ms` ends.
+    pub fn reset_at(&self, now_ms: i64) -> Option<i64> {
+        self.span()
+            .map(|span| span.end_of(span.period_start(self.budget_anchor, now_ms)))
+    }
+
+    pub fn has_rate_limits(&self) -> bool {
+        self.rpm_limit.is_some() || self.tpm_limit.is_some() || self.max_parallel_requests.is_some()
+    }
+}
+
+/// Spend as last written: the total of the period that started at `period_start`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StoredSpend {
+    pub spend: f64,
+    pub period_start: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyRecord {
+    pub id: String,
+    /// SHA-256 of the key.
+    pub token: String,
+    pub key_name: String,
+    pub key_alias: Option<String>,
+    pub team_id: Option<String>,
+    pub user_id: Option<String>,
+    pub policy: Policy,
+    pub expires_at: Option<i64>,
+    pub metadata: JsonObject,
+    pub guardrails: Vec<String>,
+    pub blocked: bool,
+    pub spend: StoredSpend,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub deleted_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TeamRecord {
+    pub team_id: String,
+    pub team_alias: Option<String>,
+    pub policy: Policy,
+    pub metadata: JsonObject,
+    pub blocked: bool,
+    pub spend: StoredSpend,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserRecord {
+    pub user_id: String,
+    pub user_alias: Option<String>,
+    pub user_email: Option<String>,
+    pub policy: Policy,
+    pub metadata: JsonObject,
+    pub spend: StoredSpend,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// One call, as `/spend/logs` lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpendRow {
+    pub request_id: String,
+    pub api_key: String,
+    pub key_alias: Option<String>,
+    pub spend: f64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub total_tokens: i64,
+    pub model: String,
+    pub model_group: String,
+    pub model_id: String,
+    pub user_id: Option<String>,
+    pub team_id: Option<String>,
+    pub end_user: Option<String>,
+    pub start_time: i64,
+    pub end_time: i64,
+    pub status: &'static str,
+}
+
+/// Spend to add to an entity's stored total for one budget period.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpendDelta {
+    pub entity: EntityId,
+    pub period_start: i64,
+    pub amount: f64,
+}
+
+/// Which keys `/key/list` wants.
+#[derive(Debug, Clone, Default)]
+pub struct KeyFilter {
+    pub team_id: Option<String>,
+    pub user_id: Option<String>,
+    pub key_alias: Option<String>,
+}
+
+/// Which rows `/spend/logs` wants.
+#[derive(Debug, Clone, Default)]
+pub struct SpendFilter {
+    pub api_key: Option<String>,
+    pub user_id: Option<String>,
+    pub team_id: Option<String>,
+    pub request_id: Option<String>,
+    pub start: Option<i64>,
+    pub end: Option<i64>,
+    pub limit: i64,
+}
+
+const POLICY_COLUMNS: &[&str] = &[
+    "models",
+    "max_budget",
+    "budget_duration",
+    "budget_anchor",
+    "rpm_limit",
+    "tpm_limit",
+    "max_parallel_requests",
+];
+const KEY_COLUMNS: &[&str] = &[
+    "id",
+    "token",
+    "key_name",
+    "key_alias",
+    "team_id",
+    "user_id",
+    "expires_at",
+    "metadata",
+    "guardrails",
+    "blocked",
+    "created_at",
+    "updated_at",
+    "deleted_at",
+];
+const TEAM_COLUMNS: &[&str] = &[
+    "team_id",
+    "team_alias",
+    "metadata",
+    "blocked",
+    "created_at",
+    "updated_at",
+];
+const USER_COLUMNS: &[&str] = &[
+    "user_id",
+    "user_alias",
+    "user_email",
+    "metadata",
+    "created_at",
+    "updated_at",
+];
+const SPEND_COLUMNS: &[&str] = &["spend", "budget_period_start"];
+const SPEND_LOG_COLUMNS: &[&str] = &[
+    "request_id",
+    "api_key",
+    "key_alias",
+    "spend",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "model",
+    "model_group",
+    "model_id",
+    "user_id",
+    "team_id",
+    "end_user",
+    "start_time",
+    "end_time",
+    "status",
+];
+
+/// Rows per `INSERT` of spend logs: well under either engine's limit on parameters.
+const SPEND_ROWS_PER_INSERT: usize = 50;
+
+pub type AnyQuery<'q> = Query<'q, Any, AnyArguments>;
+
+/// A table of entities that have a policy and spend.
+#[derive(Debug)]
+pub struct Table {
+    name: &'static str,
+    id: &'static str,
+    own: &'static [&'static str],
+}
+
+const KEYS: Table = Table {
+    name: "portcullis_keys",
+    id: "id",
+    own: KEY_COLUMNS,
+};
+const TEAMS: Table = Table {
+    name: "portcullis_teams",
+    id: "team_id",
+    own: TEAM_COLUMNS,
+};
+const USERS: Table = Table {
+    name: "portcullis_users",
+    id: "user_id",
+    own: USER_COLUMNS,
+};
+
+impl Table {
+    fn of(kind: Kind) -> &'static Table {
+        match kind {
+            Kind::Key => &KEYS,
+            Kind::Team => &TEAMS,
+            Kind::User => &USERS,
+        }
+    }
+
+    /// The columns a record writes: its own, then the policy's.
+    fn written(&self) -> impl Iterator<Item = &'static str> {
+        self.own.iter().chain(POLICY_COLUMNS).copied()
+    }
+
+    fn select(&self, condition: &str) -> String {
+        let columns: Vec<_> = self
+            .written()
+            .chain(SPEND_COLUMNS.iter().copied())
+            .collect();
+        format!(
+            "SELECT {} FROM {} WHERE {condition}",
+            columns.join(", "),
+            self.name
+        )
+    }
+
+    fn insert(&self) -> String {
+        let columns: Vec<_> = self
+            .written()
+            .chain(SPEND_COLUMNS.iter().copied())
+            .collect();
+        format!(
+            "INSERT INTO {} ({}) VALUES ({})",
+            self.name,
+            columns.join(", "),
+            placeholders(1, columns.len())
+        )
+    }
+
+    /// Updates everything but spend, which only [`Store::write_spend`] changes.
+    fn update(&self) -> String {
+        let sets: Vec<_> = self
+            .written()
+            .enumerate()
+            .skip(1)
+            .map(|(i, c)| format!("{c} = ${}", i + 1))
+            .collect();
+        format!(
+            "UPDATE {} SET {} WHERE {} = $1",
+            self.name,
+            sets.join(", "),
+            self.id
+        )
+    }
+}
+
+/// A key, team or user: a row of its table.
+pub trait Record {
+    #[doc(hidden)]
+    const TABLE: &'static Table;
+    /// Binds the columns [`Table::written`] names, in order.
+    #[doc(hidden)]
+    fn bind<'q>(&self, q: AnyQuery<'q>) -> AnyQuery<'q>;
+    fn spend(&self) -> StoredSpend;
+}
+
+impl Record for KeyRecord {
+    const TABLE: &'static Table = &KEYS;
+    fn bind<'q>(&self, q: AnyQuery<'q>) -> AnyQuery<'q> {
+        bind_key(q, self)
+    }
+    fn spend(&self) -> StoredSpend {
+        self.spend
+    }
+}
+
+impl Record for TeamRecord {
+    const TABLE: &'static Table = &TEAMS;
+    fn bind<'q>(&self, q: AnyQuery<'q>) -> AnyQuery<'q> {
+        bind_team(q, self)
+    }
+    fn spend(&self) -> StoredSpend {
+        self.spend
+    }
+}
+
+impl Record for UserRecord {
+    const TABLE: &'static Table = &USERS;
+    fn bind<'q>(&self, q: AnyQuery<'q>) -> AnyQuery<'q> {
+        bind_user(q, self)
+    }
+    fn spend(&self) -> StoredSpend {
+        self.spend
+    }
+}
+
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn query(sql: String) -> AnyQuery<'static> {
+    sqlx::query(AssertSqlSafe(sql))
+}
+
+/// The database handle; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+}
+
+impl Store {
+    /// Opens (creating it if need be) and migrates the database at `url`.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let sqlite = url.starts_with("sqlite:");
+        let pool = AnyPoolOptions::new()
+            // SQLite takes one writer at a time anyway; a few readers keep the API responsive.
+            .max_connections(if sqlite { 4 } else { 10 })
+            .connect(url)
+            .await
+            .map_err(|error| StoreError::Open {
+                url: redact(url),
+                error,
+            })?;
+        if sqlite {
+            // Readers do not wait for the spend writer, and a write is one append.
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&pool)
+                .await?;
+        }
+        let migrations = MIGRATIONS
+            .iter()
+            .map(|(version, description, sql)| {
+                Migration::new(
+                    *version,
+                    Cow::Borrowed(*description),
+                    MigrationType::Simple,
+                    AssertSqlSafe(*sql).into_sql_str(),
+                    false,
+                )
+            })
+            .collect();
+        let mut migrator = Migrator::with_migrations(migrations);
+        migrator.dangerous_set_table_name("portcullis_migrations");
+        migrator.run(&pool).await?;
+        Ok(Store { pool })
+    }
+
+    /// Adds a key, team or user.
+    pub async fn insert<R: Record>(&self, record: &R) -> Result<(), StoreError> {
+        let spend = record.spend();
+        record
+            .bind(query(R::TABLE.insert()))
+            .bind(spend.spend)
+            .bind(spend.period_start)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Rewrites a key, team or user, all but its spend.
+    pub async fn update<R: Record>(&self, record: &R) -> Result<(), StoreError> {
+        record
+            .bind(query(R::TABLE.update()))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The key with this token, deleted or not.
+    pub async fn key_by_token(&self, token: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let row = query(KEYS.select("token = $1"))
+            .bind(token.to_owned())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    /// Keys not deleted, in creation order, and how many match in all.
+    pub async fn list_keys(
+        &self,
+        filter: &KeyFilter,
+        offset: i64,
+        limit: i64,
+    ) -> Result<(Vec<KeyRecord>, i64), StoreError> {
+        let mut conditions = vec!["deleted_at IS NULL".to_owned()];
+        let mut values = Vec::new();
+        for (column, value) in [
+            ("team_id", &filter.team_id),
+            ("user_id", &filter.user_id),
+            ("key_alias", &filter.key_alias),
+        ] {
+            if let Some(value) = value {
+                values.push(value.clone());
+                conditions.push(format!("{column} = ${}", values.len()));
+            }
+        }
+        let condition = conditions.join(" AND ");
+        let mut count = query(format!(
+            "SELECT COUNT(*) AS n FROM portcullis_keys WHERE {condition}"
+        ));
+        for value in &values {
+            count = count.bind(value.clone());
+        }
+        let total: i64 = count.fetch_one(&self.pool).await?.try_get("n")?;
+        let n = values.len();
+        let mut select = query(KEYS.select(&format!(
+            "{condition} ORDER BY created_at, id LIMIT ${} OFFSET ${}",
+            n + 1,
+            n + 2
+        )));
+        for value in values {
+            select = select.bind(value);
+        }
+        let rows = select
+            .bind(limit)
+            .bind(offset)
+            .fetch_all(&self.pool)
+            .await?;
+        let keys = rows.iter().map(key_from_row).collect::<Result<_, _>>()?;
+        Ok((keys, total))
+    }
+
+    /// Marks keys deleted; returns the ids of those that were not already.
+    pub async fn delete_keys(&self, ids: &[String], now: i64) -> Result<(), StoreError> {
+        for id in ids {
+            sqlx::query(
+                "UPDATE portcullis_keys SET deleted_at = $1, updated_at = $1 \
+                 WHERE id = $2 AND deleted_at IS NULL",
+            )
+            .bind(now)
+            .bind(id.clone())
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn team(&self, team_id: &str) -> Result<Option<TeamRecord>, StoreError> {
+        let row = query(TEAMS.select("team_id = $1"))
+            .bind(team_id.to_owned())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(team_from_row).transpose()
+    }
+
+    pub async fn list_teams(&self) -> Result<Vec<TeamRecord>, StoreError> {
+        let rows = query(TEAMS.select("1 = 1 ORDER BY created_at, team_id"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(team_from_row).collect()
+    }
+
+    /// Deletes a team and marks its keys deleted.
+    pub async fn delete_team(&self, team_id: &str, now: i64) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE portcullis_keys SET deleted_at = $1, updated_at = $1 \
+             WHERE team_id = $2 AND deleted_at IS NULL",
+        )
+        .bind(now)
+        .bind(team_id.to_owned())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM portcullis_teams WHERE team_id = $1")
+            .bind(team_id.to_owned())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn user(&self, user_id: &str) -> Result<Option<UserRecord>, StoreError> {
+        let row = query(USERS.select("user_id = $1"))
+            .bind(user_id.to_owned())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    /// Appends spend rows and adds their spend to the totals, all or nothing.
+    pub async fn write_spend(
+        &self,
+        rows: &[SpendRow],
+        deltas: &[SpendDelta],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in rows.chunks(SPEND_ROWS_PER_INSERT) {
+            let width = SPEND_LOG_COLUMNS.len();
+            let values: Vec<_> = (0..chunk.len())
+                .map(|i| format!("({})", placeholders(i * width + 1, width)))
+                .collect();
+            let mut insert = query(format!(
+                "INSERT INTO portcullis_spend_logs ({}) VALUES {}",
+                SPEND_LOG_COLUMNS.join(", "),
+                values.join(", ")
+            ));
+            for row in chunk {
+                insert = bind_spend_row(insert, row);
+            }
+            insert.execute(&mut *tx).await?;
+        }
+        for delta in deltas {
+            let table = Table::of(delta.entity.kind);
+            // A delta for a period that has since ended elsewhere is history: it is in the logs,
+            // not in the current period's total.
+            query(format!(
+                "UPDATE {} SET spend = CASE WHEN budget_period_start = $1 THEN spend + $2 \
+                 ELSE $2 END, budget_period_start = $1 WHERE {} = $3 AND budget_period_start <= $1",
+                table.name, table.id
+            ))
+            .bind(delta.period_start)
+            .bind(delta.amount)
+            .bind(delta.entity.id.clone())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Spend rows matching `filter`, oldest first.
+    pub async fn spend_logs(&self, filter: &SpendFilter) -> Result<Vec<SpendRow>, StoreError> {
+        let mut conditions = vec!["1 = 1".to_owned()];
+        let mut texts = Vec::new();
+        for (column, value) in [
+            ("api_key", &filter.api_key),
+            ("user_id", &filter.user_id),
+            ("team_id", &filter.team_id),
+            ("request_id", &filter.request_id),
+        ] {
+            if let Some(value) = value {
+                texts.push(value.clone());
+                conditions.push(format!("{column} = ${}", texts.len()));
+            }
+        }
+        let mut numbers = Vec::new();
+        for (condition, value) in [
+            ("start_time >=", filter.start),
+            ("start_time <", filter.end),
+        ] {
+            if let Some(value) = value {
+                numbers.push(value);
+                conditions.push(format!("{condition} ${}", texts.len() + numbers.len()));
+            }
+        }
+        let mut select = query(format!(
+            "SELECT {} FROM portcullis_spend_logs WHERE {} ORDER BY start_time, request_id LIMIT ${}",
+            SPEND_LOG_COLUMNS.join(", "),
+            conditions.join(" AND "),
+            texts.len() + numbers.len() + 1
+        ));
+        for text in texts {
+            select = select.bind(text);
+        }
+        for number in numbers {
+            select = select.bind(number);
+        }
+        let rows = select.bind(filter.limit).fetch_all(&self.pool).await?;
+        rows.iter().map(spend_row_from_row).collect()
+    }
+
+    /// Closes the pool, waiting for connections in use.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn redact(url: &str) -> String {
+    // postgres://user:password@host/db: the password stays out of logs and errors.
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &credentials[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn to_i64(value: Option<u64>) -> Option<i64> {
+    value.map(|v| i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+fn json_text<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
+}
+
+fn bind_policy<'q>(q: AnyQuery<'q>, policy: &Policy) -> AnyQuery<'q> {
+    q.bind(policy.models.as_ref().map(json_text))
+        .bind(policy.max_budget)
+        .bind(policy.budget_duration.clone())
+        .bind(policy.budget_anchor)
+        .bind(to_i64(policy.rpm_limit))
+        .bind(to_i64(policy.tpm_limit))
+        .bind(to_i64(policy.max_parallel_requests))
+}
+
+fn bind_key<'q>(q: AnyQuery<'q>, key: &KeyRecord) -> AnyQuery<'q> {
+    let q = q
+        .bind(key.id.clone())
+        .bind(key.token.clone())
+        .bind(key.key_name.clone())
+        .bind(key.key_alias.clone())
+        .bind(key.team_id.clone())
+        .bind(key.user_id.clone())
+        .bind(key.expires_at)
+        .bind(json_text(&key.metadata))
+        .bind(json_text(&key.guardrails))
+        .bind(i64::from(key.blocked))
+        .bind(key.created_at)
+        .bind(key.updated_at)
+        .bind(key.deleted_at);
+    bind_policy(q, &key.policy)
+}
+
+fn bind_team<'q>(q: AnyQuery<'q>, team: &TeamRecord) -> AnyQuery<'q> {
+    let q = q
+        .bind(team.team_id.clone())
+        .bind(team.team_alias.clone())
+        .bind(json_text(&team.metadata))
+        .bind(i64::from(team.blocked))
+        .bind(team.created_at)
+        .bind(team.updated_at);
+    bind_policy(q, &team.policy)
+}
+
+fn bind_user<'q>(q: AnyQuery<'q>, user: &UserRecord) -> AnyQuery<'q> {
+    let q = q
+        .bind(user.user_id.clone())
+        .bind(user.user_alias.clone())
+        .bind(user.user_email.clone())
+        .bind(json_text(&user.metadata))
+        .bind(user.created_at)
+        .bind(user.updated_at);
+    bind_policy(q, &user.policy)
+}
+
+fn bind_spend_row<'q>(q: AnyQuery<'q>, row: &SpendRow) -> AnyQuery<'q> {
+    q.bind(row.request_id.clone())
+        .bind(row.api_key.clone())
+        .bind(row.key_alias.clone())
+        .bind(row.spend)
+        .bind(row.prompt_tokens)
+        .bind(row.completion_tokens)
+        .bind(row.total_tokens)
+        .bind(row.model.clone())
+        .bind(row.model_group.clone())
+        .bind(row.model_id.clone())
+        .bind(row.user_id.clone())
+        .bind(row.team_id.clone())
+        .bind(row.end_user.clone())
+        .bind(row.start_time)
+        .bind(row.end_time)
+        .bind(row.status)
+}
+
+fn parsed<T: serde::de::DeserializeOwned>(
+    row: &AnyRow,
+    column: &'static str,
+) -> Result<T, StoreError> {
+    let text: String = row.try_get(column)?;
+    serde_json::from_str(&text).map_err(|error| StoreError::Corrupt { column, error })
+}
+
+fn unsigned(row: &AnyRow, column: &str) -> Result<Option<u64>, StoreError> {
+    let value: Option<i64> = row.try_get(column)?;
+    Ok(value.map(|v| u64::try_from(v).unwrap_or(0)))
+}
+
+fn policy_from_row(row: &AnyRow) -> Result<Policy, StoreError> {
+    let models: Option<String> = row.try_get("models")?;
+    let models = models
+        .map(|text| serde_json::from_str(&text))
+        .transpose()
+        .map_err(|error| StoreError::Corrupt {
+            column: "models",
+            error,
+        })?;
+    Ok(Policy {
+        models,
+        max_budget: row.try_get("max_budget")?,
+        budget_duration: row.try_get("budget_duration")?,
+        budget_anchor: row.try_get("budget_anchor")?,
+        rpm_limit: unsigned(row, "rpm_limit")?,
+        tpm_limit: unsigned(row, "tpm_limit")?,
+        max_parallel_requests: unsigned(row, "max_parallel_requests")?,
+    })
+}
+
+fn spend_from_row(row: &AnyRow) -> Result<StoredSpend, StoreError> {
+    Ok(StoredSpend {
+        spend: row.try_get("spend")?,
+        period_start: row.try_get("budget_period_start")?,
+    })
+}
+
+fn object(row: &AnyRow, column: &'static str) -> Result<JsonObject, StoreError> {
+    Ok(match parsed::<Value>(row, column)? {
+        Value::Object(map) => map,
+        _ => JsonObject::new(),
+    })
+}
+
+fn flag(row: &AnyRow, column: &str) -> Result<bool, StoreError> {
+    Ok(row.try_get::<i64, _>(column)? != 0)
+}
+
+fn key_from_row(row: &AnyRow) -> Result<KeyRecord, StoreError> {
+    Ok(KeyRecord {
+        id: row.try_get("id")?,
+        token: row.try_get("token")?,
+        key_name: row.try_get("key_name")?,
+        key_alias: row.try_get("key_alias")?,
+        team_id: row.try_get("team_id")?,
+        user_id: row.try_get("user_id")?,
+        policy: policy_from_row(row)?,
+        expires_at: row.try_get("expires_at")?,
+        metadata: object(row, "metadata")?,
+        guardrails: parsed(row, "guardrails")?,
+        blocked: flag(row, "blocked")?,
+        spend: spend_from_row(row)?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        deleted_at: row.try_get("deleted_at")?,
+    })
+}
+
+fn team_from_row(row: &AnyRow) -> Result<TeamRecord, StoreError> {
+    Ok(TeamRecord {
+        team_id: row.try_get("team_id")?,
+        team_alias: row.try_get("team_alias")?,
+        policy: policy_from_row(row)?,
+        metadata: object(row, "metadata")?,
+        blocked: flag(row, "blocked")?,
+        spend: spend_from_row(row)?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn user_from_row(row: &AnyRow) -> Result<UserRecord, StoreError> {
+    Ok(UserRecord {
+        user_id: row.try_get("user_id")?,
+        user_alias: row.try_get("user_alias")?,
+        user_email: row.try_get("user_email")?,
+        policy: policy_from_row(row)?,
+        metadata: object(row, "metadata")?,
+        spend: spend_from_row(row)?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn spend_row_from_row(row: &AnyRow) -> Result<SpendRow, StoreError> {
+    let status: String = row.try_get("status")?;
+    Ok(SpendRow {
+        request_id: row.try_get("request_id")?,
+        api_key: row.try_get("api_key")?,
+        key_alias: row.try_get("key_alias")?,
+        spend: row.try_get("spend")?,
+        prompt_tokens: row.try_get("prompt_tokens")?,
+        completion_tokens: row.try_get("completion_tokens")?,
+        total_tokens: row.try_get("total_tokens")?,
+        model: row.try_get("model")?,
+        model_group: row.try_get("model_group")?,
+        model_id: row.try_get("model_id")?,
+        user_id: row.try_get("user_id")?,
+        team_id: row.try_get("team_id")?,
+        end_user: row.try_get("end_user")?,
+        start_time: row.try_get("start_time")?,
+        end_time: row.try_get("end_time")?,
+        status: if status == "success" {
+            "success"
+        } else {
+            "failure"
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_stay_out_of_urls_in_errors() {
+        assert_eq!(
+            redact("postgres://app:s3cret@db:5432/portcullis"),
+            "postgres://app:***@db:5432/portcullis"
+        );
+        assert_eq!(redact("sqlite:///tmp/x.db"), "sqlite:///tmp/x.db");
+    }
+
+    #[test]
+    fn updates_skip_the_id_and_never_touch_spend() {
+        let sql = TEAMS.update();
+        assert!(sql.starts_with("UPDATE portcullis_teams SET team_alias = $2"));
+        assert!(sql.ends_with("WHERE team_id = $1"));
+        assert!(!sql.contains("spend"));
+        let insert = KEYS.insert();
+        let columns = KEY_COLUMNS.len() + POLICY_COLUMNS.len() + SPEND_COLUMNS.len();
+        assert!(insert.contains(&format!("${columns})")));
+    }
+}
