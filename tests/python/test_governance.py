@@ -704,6 +704,14 @@ def test_key_budget_refuses_the_call_after_it_is_spent(gov, admin):
     assert_budget_refusal(refused(gov, k["key"], openai.RateLimitError))
 
 
+def test_a_streamed_call_counts_against_the_budget(gov, admin):
+    k = admin.new_key(max_budget=TINY_BUDGET)
+    with sdk(gov, k["key"]) as client:
+        chunks = list(client.chat.completions.create(model=MODEL, messages=user("stream it"), stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "stream it"
+    assert_budget_refusal(refused(gov, k["key"], openai.RateLimitError))
+
+
 def test_zero_budget_refuses_the_first_call(gov, admin):
     # Spend 0 is already "at" a budget of 0.
     k = admin.new_key(max_budget=0)

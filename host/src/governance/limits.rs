@@ -258,11 +258,12 @@ impl Bucket {
     }
 
     fn allowance(&self, per_minute: u64) -> Allowance {
-        let level = self.level.max(0.0);
         Allowance {
             limit: per_minute,
-            remaining: level.floor() as u64,
-            reset: refill_time(per_minute, per_minute as f64 - level),
+            remaining: self.level.max(0.0).floor() as u64,
+            // From the level itself: a call bigger than the allowance overdraws it, and the reset
+            // is when the overdraft is paid back too.
+            reset: refill_time(per_minute, per_minute as f64 - self.level),
         }
     }
 }
@@ -344,6 +345,13 @@ mod tests {
         // The call used 30, not 80: 50 come back.
         s.settle_tokens(taken.tokens, 30);
         assert_eq!(s.allowances(&p, t0).1.map(|a| a.remaining), Some(70));
+        // One that used 250 overdraws the minute by 200: full again in three minutes.
+        s.settle_tokens(0, 270);
+        let tokens = s.allowances(&p, t0).1.expect("a token limit");
+        assert_eq!(
+            (tokens.remaining, tokens.reset),
+            (0, Duration::from_secs(180))
+        );
     }
 
     #[test]

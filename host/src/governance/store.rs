@@ -365,8 +365,10 @@ fn placeholders(first: usize, count: usize) -> String {
         .join(", ")
 }
 
-fn query(sql: String) -> AnyQuery<'static> {
-    sqlx::query(AssertSqlSafe(sql))
+/// Statements are not kept prepared: Postgres would fix a parameter's type from the first call's
+/// values, and a `NULL` there makes a later number fail to bind.
+fn query(sql: impl Into<String>) -> AnyQuery<'static> {
+    sqlx::query(AssertSqlSafe(sql.into())).persistent(false)
 }
 
 /// The database handle; cheap to clone.
@@ -491,7 +493,7 @@ impl Store {
     /// Marks keys deleted; returns the ids of those that were not already.
     pub async fn delete_keys(&self, ids: &[String], now: i64) -> Result<(), StoreError> {
         for id in ids {
-            sqlx::query(
+            query(
                 "UPDATE portcullis_keys SET deleted_at = $1, updated_at = $1 \
                  WHERE id = $2 AND deleted_at IS NULL",
             )
@@ -521,7 +523,7 @@ impl Store {
     /// Deletes a team and marks its keys deleted.
     pub async fn delete_team(&self, team_id: &str, now: i64) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
+        query(
             "UPDATE portcullis_keys SET deleted_at = $1, updated_at = $1 \
              WHERE team_id = $2 AND deleted_at IS NULL",
         )
@@ -529,7 +531,7 @@ impl Store {
         .bind(team_id.to_owned())
         .execute(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM portcullis_teams WHERE team_id = $1")
+        query("DELETE FROM portcullis_teams WHERE team_id = $1")
             .bind(team_id.to_owned())
             .execute(&mut *tx)
             .await?;
@@ -855,6 +857,160 @@ fn spend_row_from_row(row: &AnyRow) -> Result<SpendRow, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn temporary_store() -> (Store, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "portcullis-store-{}-{:x}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let url = format!("sqlite://{}?mode=rwc", dir.join("t.db").display());
+        (Store::open(&url).await.expect("opens"), dir)
+    }
+
+    fn key(id: &str, team: Option<&str>) -> KeyRecord {
+        KeyRecord {
+            id: id.into(),
+            token: format!("token-{id}"),
+            key_name: "sk-...abcd".into(),
+            key_alias: Some(format!("alias-{id}")),
+            team_id: team.map(str::to_owned),
+            user_id: None,
+            policy: Policy {
+                models: Some(vec!["m".into()]),
+                max_budget: Some(2.5),
+                budget_duration: Some("1d".into()),
+                budget_anchor: 1_000,
+                rpm_limit: Some(10),
+                tpm_limit: None,
+                max_parallel_requests: Some(2),
+            },
+            expires_at: None,
+            metadata: JsonObject::new(),
+            guardrails: vec!["pii".into()],
+            blocked: false,
+            spend: StoredSpend {
+                spend: 0.0,
+                period_start: 1_000,
+            },
+            created_at: 1_000,
+            updated_at: 1_000,
+            deleted_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_spend_and_logs_round_trip_through_sqlite() {
+        let (store, dir) = temporary_store().await;
+        let mut a = key("a", None);
+        store.insert(&a).await.expect("insert");
+        store.insert(&key("b", None)).await.expect("insert");
+        assert_eq!(
+            store.key_by_token("token-a").await.expect("read"),
+            Some(a.clone())
+        );
+        a.blocked = true;
+        a.policy.rpm_limit = None;
+        store.update(&a).await.expect("update");
+        let read = store
+            .key_by_token("token-a")
+            .await
+            .expect("read")
+            .expect("found");
+        assert!(read.blocked);
+        assert_eq!(read.policy.rpm_limit, None);
+
+        let entity = EntityId {
+            kind: Kind::Key,
+            id: "a".into(),
+        };
+        let row = |id: &str| SpendRow {
+            request_id: id.into(),
+            api_key: "token-a".into(),
+            key_alias: None,
+            spend: 0.25,
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            total_tokens: 7,
+            model: "up".into(),
+            model_group: "m".into(),
+            model_id: "m-0".into(),
+            user_id: None,
+            team_id: None,
+            end_user: Some("u".into()),
+            start_time: 5_000,
+            end_time: 5_100,
+            status: "success",
+        };
+        let delta = |period_start, amount| SpendDelta {
+            entity: entity.clone(),
+            period_start,
+            amount,
+        };
+        store
+            .write_spend(&[row("r1"), row("r2")], &[delta(1_000, 0.5)])
+            .await
+            .expect("write");
+        // A late delta for an older period leaves the current total alone; a newer period
+        // replaces it.
+        store
+            .write_spend(&[], &[delta(500, 9.0)])
+            .await
+            .expect("write");
+        let spend = |store: Store| async move {
+            store
+                .key_by_token("token-a")
+                .await
+                .expect("read")
+                .expect("found")
+                .spend
+        };
+        assert_eq!(spend(store.clone()).await.spend, 0.5);
+        store
+            .write_spend(&[], &[delta(2_000, 0.125)])
+            .await
+            .expect("write");
+        assert_eq!(
+            spend(store.clone()).await,
+            StoredSpend {
+                spend: 0.125,
+                period_start: 2_000
+            }
+        );
+
+        let logs = store
+            .spend_logs(&SpendFilter {
+                api_key: Some("token-a".into()),
+                start: Some(5_000),
+                limit: 10,
+                ..SpendFilter::default()
+            })
+            .await
+            .expect("logs");
+        assert_eq!(logs, vec![row("r1"), row("r2")]);
+        let none = store
+            .spend_logs(&SpendFilter {
+                end: Some(5_000),
+                limit: 10,
+                ..SpendFilter::default()
+            })
+            .await
+            .expect("logs");
+        assert!(none.is_empty());
+
+        store
+            .delete_keys(&["b".into()], 9_000)
+            .await
+            .expect("delete");
+        let (listed, total) = store
+            .list_keys(&KeyFilter::default(), 0, 10)
+            .await
+            .expect("list");
+        assert_eq!((listed.len(), total), (1, 1));
+        store.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn passwords_stay_out_of_urls_in_errors() {
