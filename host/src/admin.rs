@@ -50,6 +50,7 @@ pub async fn status(reloader: &Reloader, headers: &HeaderMap) -> Response<Respon
             "last_duration_ms": reloads.last_duration.map(|d| d.as_secs_f64() * 1000.0),
         },
         "post_call": { "dropped": generation.post_call.dropped() },
+        "store": generation.governance.as_ref().map(|g| g.status()),
     });
     json_response(StatusCode::OK, Bytes::from(body.to_string()))
 }

@@ -1043,3 +1043,10 @@ def test_spend_under_load_is_exact_after_a_restart(own_gateway):
     assert len(rows) == len(costs)
     assert len({r["request_id"] for r in rows}) == len(costs)
     assert math.isclose(sum(r["spend"] for r in rows), sum(costs), rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_admin_status_reports_the_store(admin):
+    store = admin.ok("GET", "/admin/status")["store"]
+    expected = "postgres" if os.environ.get("PORTCULLIS_TEST_DATABASE_URL") else "sqlite"
+    assert store["database"] == expected
+    assert store["pending_spend_rows"] >= 0 and store["cached_keys"] >= 0

@@ -139,6 +139,15 @@ impl Governance {
         &self.store
     }
 
+    /// For `/admin/status`: the engine, keys cached, and spend rows not yet written.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "database": self.store.engine(),
+            "cached_keys": read(&self.cache).len(),
+            "pending_spend_rows": lock(&self.pending).rows.len(),
+        })
+    }
+
     /// The caller of a stored key, from the cache or, the first time, the store.
     pub async fn resolve(self: &Arc<Self>, key: &str) -> Result<Arc<Principal>, GatewayError> {
         let token = secret::hash_key(key);

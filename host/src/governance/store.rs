@@ -375,6 +375,7 @@ fn query(sql: impl Into<String>) -> AnyQuery<'static> {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    engine: &'static str,
 }
 
 impl Store {
@@ -412,7 +413,8 @@ impl Store {
         let mut migrator = Migrator::with_migrations(migrations);
         migrator.dangerous_set_table_name("portcullis_migrations");
         migrator.run(&pool).await?;
-        Ok(Store { pool })
+        let engine = if sqlite { "sqlite" } else { "postgres" };
+        Ok(Store { pool, engine })
     }
 
     /// Adds a key, team or user.
@@ -627,6 +629,11 @@ impl Store {
         }
         let rows = select.bind(filter.limit).fetch_all(&self.pool).await?;
         rows.iter().map(spend_row_from_row).collect()
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn engine(&self) -> &'static str {
+        self.engine
     }
 
     /// Closes the pool, waiting for connections in use.
