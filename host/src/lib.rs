@@ -4,6 +4,7 @@ pub mod admin;
 pub mod call;
 pub mod config;
 pub mod cost;
+pub mod digest;
 pub mod error;
 pub mod extension;
 pub mod generation;

@@ -82,14 +82,7 @@ where
         let caller = authenticate::authenticate(generation, headers).await?;
         return key_info(governance, &caller, params.get("key")).await;
     }
-    authenticate::require_master(generation, headers)
-        .await
-        .map_err(|e| match e {
-            GatewayError::Forbidden(_) => {
-                GatewayError::Forbidden("the management routes need the master key".into())
-            }
-            other => other,
-        })?;
+    authenticate::require_master(generation, headers).await?;
     let mut fields = if method_for(route) == Some(Method::POST) {
         let limit = generation.config.server.max_request_bytes;
         Fields::parse(&validate::read_body(headers, body, limit).await?)?

@@ -38,6 +38,15 @@ pub struct EntityId {
     pub id: String,
 }
 
+impl EntityId {
+    pub fn new(kind: Kind, id: &str) -> EntityId {
+        EntityId {
+            kind,
+            id: id.to_owned(),
+        }
+    }
+}
+
 /// One entity's counters; shared by every cached view of it, so a cache refresh keeps them.
 #[derive(Debug)]
 pub struct EntityState {
@@ -305,14 +314,7 @@ mod tests {
     }
 
     fn state() -> EntityState {
-        EntityState::new(
-            EntityId {
-                kind: Kind::Key,
-                id: "k".into(),
-            },
-            0.0,
-            0,
-        )
+        EntityState::new(EntityId::new(Kind::Key, "k"), 0.0, 0)
     }
 
     #[test]

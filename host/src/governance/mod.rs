@@ -283,10 +283,7 @@ impl Governance {
 
     /// The live counters of an entity, created from its stored spend the first time.
     fn state(&self, kind: Kind, id: &str, stored: StoredSpend) -> Arc<EntityState> {
-        let entity = EntityId {
-            kind,
-            id: id.to_owned(),
-        };
+        let entity = EntityId::new(kind, id);
         let mut states = lock(&self.states);
         Arc::clone(states.entry(entity.clone()).or_insert_with(|| {
             Arc::new(EntityState::new(entity, stored.spend, stored.period_start))
@@ -295,10 +292,7 @@ impl Governance {
 
     /// The live spend of an entity, or `stored` if it has not been used since start.
     pub fn spend_of(&self, kind: Kind, id: &str, policy: &Policy, stored: StoredSpend) -> f64 {
-        let entity = EntityId {
-            kind,
-            id: id.to_owned(),
-        };
+        let entity = EntityId::new(kind, id);
         let now = period::now_ms();
         match lock(&self.states).get(&entity) {
             Some(state) => state.spend(policy, now),
@@ -319,10 +313,7 @@ impl Governance {
 
     /// Drops a deleted entity's counters.
     pub fn forget(&self, kind: Kind, id: &str) {
-        lock(&self.states).remove(&EntityId {
-            kind,
-            id: id.to_owned(),
-        });
+        lock(&self.states).remove(&EntityId::new(kind, id));
     }
 
     /// Checks budgets and takes rate-limit allowances for a call, key first, then team and user.
@@ -335,18 +326,21 @@ impl Governance {
     ) -> Result<Admission, GatewayError> {
         let now_ms = period::now_ms();
         let now = Instant::now();
-        if let Some((policy, key)) = governed.entities.first() {
-            call.key_headers
-                .push((KEY_SPEND, number(key.spend(policy, now_ms))));
-            if let Some(max) = policy.max_budget {
-                call.key_headers.push((KEY_MAX_BUDGET, number(max)));
-            }
-        }
         for (policy, state) in &governed.entities {
+            let is_key = state.id.kind == Kind::Key;
+            if !is_key && policy.max_budget.is_none() {
+                continue;
+            }
+            let spend = state.spend(policy, now_ms);
+            if is_key {
+                call.key_headers.push((KEY_SPEND, number(spend)));
+                if let Some(max) = policy.max_budget {
+                    call.key_headers.push((KEY_MAX_BUDGET, number(max)));
+                }
+            }
             let Some(max) = policy.max_budget else {
                 continue;
             };
-            let spend = state.spend(policy, now_ms);
             if spend >= max {
                 return Err(GatewayError::BudgetExceeded {
                     message: format!(
@@ -405,10 +399,6 @@ impl Governance {
             }
         }
         let usage = call.usage.unwrap_or_default();
-        let started = call
-            .received_at
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(now_ms, |d| i64::try_from(d.as_millis()).unwrap_or(now_ms));
         let row = SpendRow {
             request_id: call.id.clone(),
             api_key: principal.token.clone().unwrap_or_default(),
@@ -431,7 +421,7 @@ impl Governance {
             user_id: principal.user.clone(),
             team_id: principal.team.clone(),
             end_user: call.end_user.clone(),
-            start_time: started,
+            start_time: period::unix_ms(call.received_at),
             end_time: now_ms,
             status: if *outcome == Outcome::Success {
                 "success"
@@ -560,14 +550,8 @@ mod tests {
 
     #[test]
     fn deltas_merge_per_entity_and_period() {
-        let key = EntityId {
-            kind: Kind::Key,
-            id: "k".into(),
-        };
-        let team = EntityId {
-            kind: Kind::Team,
-            id: "t".into(),
-        };
+        let key = EntityId::new(Kind::Key, "k");
+        let team = EntityId::new(Kind::Team, "t");
         let delta = |entity: &EntityId, period_start, amount| SpendDelta {
             entity: entity.clone(),
             period_start,

@@ -3,7 +3,7 @@
 //!
 //! Times are Unix milliseconds (`i64`) throughout: both databases store them as `BIGINT`.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const SECOND: i64 = 1_000;
 const DAY: i64 = 86_400 * SECOND;
@@ -76,41 +76,30 @@ impl Span {
 
 /// Now, in Unix milliseconds.
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+    unix_ms(SystemTime::now())
+}
+
+/// `time` in Unix milliseconds (0 for times before 1970, which the gateway never records).
+pub fn unix_ms(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// `2026-12-02T00:41:13.123Z`.
+/// `2026-12-02T00:41:13.123Z`, as `/admin/status` writes its times.
 pub fn iso(ms: i64) -> String {
-    let days = ms.div_euclid(DAY);
-    let in_day = ms.rem_euclid(DAY);
-    let (y, m, d) = civil_from_days(days);
-    let (h, min, s, milli) = (
-        in_day / 3_600_000,
-        in_day / 60_000 % 60,
-        in_day / 1_000 % 60,
-        in_day % 1_000,
-    );
-    format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{milli:03}Z")
+    let time = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(time).to_string()
 }
 
 /// `YYYY-MM-DD` (midnight UTC) or an RFC 3339 time; `None` if neither.
 pub fn parse_date(text: &str) -> Option<i64> {
     let text = text.trim();
-    if text.len() == 10 {
-        let y: i64 = text.get(0..4)?.parse().ok()?;
-        let m: u32 = text.get(5..7)?.parse().ok()?;
-        let d: u32 = text.get(8..10)?.parse().ok()?;
-        let valid = text.as_bytes()[4] == b'-'
-            && text.as_bytes()[7] == b'-'
-            && (1..=12).contains(&m)
-            && (1..=days_in_month(y, m)).contains(&d);
-        return valid.then(|| days_from_civil(y, m, d) * DAY);
-    }
-    let time = humantime::parse_rfc3339_weak(text).ok()?;
-    let ms = time.duration_since(UNIX_EPOCH).ok()?.as_millis();
-    i64::try_from(ms).ok()
+    let time = if text.len() == 10 {
+        humantime::parse_rfc3339(&format!("{text}T00:00:00Z"))
+    } else {
+        humantime::parse_rfc3339_weak(text)
+    };
+    time.ok().map(unix_ms)
 }
 
 fn add_months(ms: i64, months: i64) -> i64 {

@@ -2,7 +2,8 @@
 //! database and the caches hold its SHA-256.
 
 use base64::Engine as _;
-use sha2::{Digest, Sha256};
+
+use crate::digest;
 
 /// Random bytes in a key: 192 bits, above the 128 that make guessing hopeless.
 const KEY_BYTES: usize = 24;
@@ -21,12 +22,12 @@ pub fn generate_key() -> Result<String, getrandom::Error> {
 pub fn generate_id() -> Result<String, getrandom::Error> {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes)?;
-    Ok(hex(&bytes))
+    Ok(digest::hex(&bytes))
 }
 
 /// The stored form of a key: SHA-256, lower-case hex (what LiteLLM calls the key's `token`).
 pub fn hash_key(key: &str) -> String {
-    hex(&Sha256::digest(key.as_bytes()))
+    digest::sha256_hex(key.as_bytes())
 }
 
 /// A key as the management routes take it: the plaintext, or its hash as returned by them.
@@ -53,17 +54,6 @@ pub fn abbreviate(key: &str) -> String {
         .rev()
         .collect();
     format!("sk-...{tail}")
-}
-
-fn hex(bytes: &[u8]) -> String {
-    // Every stored key's request hashes it: a table, not `write!` per byte (a third of the cost).
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut text = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        text.push(char::from(DIGITS[usize::from(b >> 4)]));
-        text.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-    text
 }
 
 #[cfg(test)]

@@ -454,36 +454,27 @@ impl Store {
         offset: i64,
         limit: i64,
     ) -> Result<(Vec<KeyRecord>, i64), StoreError> {
-        let mut conditions = vec!["deleted_at IS NULL".to_owned()];
-        let mut values = Vec::new();
-        for (column, value) in [
-            ("team_id", &filter.team_id),
-            ("user_id", &filter.user_id),
-            ("key_alias", &filter.key_alias),
-        ] {
-            if let Some(value) = value {
-                values.push(value.clone());
-                conditions.push(format!("{column} = ${}", values.len()));
-            }
-        }
-        let condition = conditions.join(" AND ");
-        let mut count = query(format!(
-            "SELECT COUNT(*) AS n FROM portcullis_keys WHERE {condition}"
+        let mut filters = Filters::new("deleted_at IS NULL");
+        filters.text("team_id =", &filter.team_id);
+        filters.text("user_id =", &filter.user_id);
+        filters.text("key_alias =", &filter.key_alias);
+        let count = query(format!(
+            "SELECT COUNT(*) AS n FROM portcullis_keys WHERE {}",
+            filters.sql()
         ));
-        for value in &values {
-            count = count.bind(value.clone());
-        }
-        let total: i64 = count.fetch_one(&self.pool).await?.try_get("n")?;
-        let n = values.len();
-        let mut select = query(KEYS.select(&format!(
-            "{condition} ORDER BY created_at, id LIMIT ${} OFFSET ${}",
-            n + 1,
-            n + 2
+        let total: i64 = filters
+            .bind(count)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?;
+        let n = filters.next_placeholder();
+        let select = query(KEYS.select(&format!(
+            "{} ORDER BY created_at, id LIMIT ${n} OFFSET ${}",
+            filters.sql(),
+            n + 1
         )));
-        for value in values {
-            select = select.bind(value);
-        }
-        let rows = select
+        let rows = filters
+            .bind(select)
             .bind(limit)
             .bind(offset)
             .fetch_all(&self.pool)
@@ -492,7 +483,7 @@ impl Store {
         Ok((keys, total))
     }
 
-    /// Marks keys deleted; returns the ids of those that were not already.
+    /// Marks keys deleted (those deleted already keep their first deletion time).
     pub async fn delete_keys(&self, ids: &[String], now: i64) -> Result<(), StoreError> {
         for id in ids {
             query(
@@ -592,41 +583,19 @@ impl Store {
 
     /// Spend rows matching `filter`, oldest first.
     pub async fn spend_logs(&self, filter: &SpendFilter) -> Result<Vec<SpendRow>, StoreError> {
-        let mut conditions = vec!["1 = 1".to_owned()];
-        let mut texts = Vec::new();
-        for (column, value) in [
-            ("api_key", &filter.api_key),
-            ("user_id", &filter.user_id),
-            ("team_id", &filter.team_id),
-            ("request_id", &filter.request_id),
-        ] {
-            if let Some(value) = value {
-                texts.push(value.clone());
-                conditions.push(format!("{column} = ${}", texts.len()));
-            }
-        }
-        let mut numbers = Vec::new();
-        for (condition, value) in [
-            ("start_time >=", filter.start),
-            ("start_time <", filter.end),
-        ] {
-            if let Some(value) = value {
-                numbers.push(value);
-                conditions.push(format!("{condition} ${}", texts.len() + numbers.len()));
-            }
-        }
-        let mut select = query(format!(
+        let mut filters = Filters::new("1 = 1");
+        filters.text("api_key =", &filter.api_key);
+        filters.text("user_id =", &filter.user_id);
+        filters.text("team_id =", &filter.team_id);
+        filters.text("request_id =", &filter.request_id);
+        filters.number("start_time >=", filter.start);
+        filters.number("start_time <", filter.end);
+        let select = filters.bind(query(format!(
             "SELECT {} FROM portcullis_spend_logs WHERE {} ORDER BY start_time, request_id LIMIT ${}",
             SPEND_LOG_COLUMNS.join(", "),
-            conditions.join(" AND "),
-            texts.len() + numbers.len() + 1
-        ));
-        for text in texts {
-            select = select.bind(text);
-        }
-        for number in numbers {
-            select = select.bind(number);
-        }
+            filters.sql(),
+            filters.next_placeholder()
+        )));
         let rows = select.bind(filter.limit).fetch_all(&self.pool).await?;
         rows.iter().map(spend_row_from_row).collect()
     }
@@ -639,6 +608,64 @@ impl Store {
     /// Closes the pool, waiting for connections in use.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// A `WHERE` clause built from optional filters, with their values in placeholder order.
+struct Filters {
+    conditions: Vec<String>,
+    values: Vec<FilterValue>,
+}
+
+enum FilterValue {
+    Text(String),
+    Number(i64),
+}
+
+impl Filters {
+    fn new(always: &str) -> Filters {
+        Filters {
+            conditions: vec![always.to_owned()],
+            values: Vec::new(),
+        }
+    }
+
+    /// `condition` (`team_id =`) and a placeholder, if there is a value.
+    fn text(&mut self, condition: &str, value: &Option<String>) {
+        if let Some(value) = value {
+            self.push(condition, FilterValue::Text(value.clone()));
+        }
+    }
+
+    fn number(&mut self, condition: &str, value: Option<i64>) {
+        if let Some(value) = value {
+            self.push(condition, FilterValue::Number(value));
+        }
+    }
+
+    fn push(&mut self, condition: &str, value: FilterValue) {
+        self.values.push(value);
+        self.conditions
+            .push(format!("{condition} ${}", self.values.len()));
+    }
+
+    fn sql(&self) -> String {
+        self.conditions.join(" AND ")
+    }
+
+    /// The number of the first placeholder after the filters' own.
+    fn next_placeholder(&self) -> usize {
+        self.values.len() + 1
+    }
+
+    fn bind<'q>(&self, mut q: AnyQuery<'q>) -> AnyQuery<'q> {
+        for value in &self.values {
+            q = match value {
+                FilterValue::Text(text) => q.bind(text.clone()),
+                FilterValue::Number(number) => q.bind(*number),
+            };
+        }
+        q
     }
 }
 
@@ -928,10 +955,7 @@ mod tests {
         assert!(read.blocked);
         assert_eq!(read.policy.rpm_limit, None);
 
-        let entity = EntityId {
-            kind: Kind::Key,
-            id: "a".into(),
-        };
+        let entity = EntityId::new(Kind::Key, "a");
         let row = |id: &str| SpendRow {
             request_id: id.into(),
             api_key: "token-a".into(),

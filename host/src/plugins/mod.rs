@@ -32,6 +32,7 @@ use store::{Sandbox, StoreState};
 use v0_1::{enricher, guardrail, hook, lifecycle, router};
 
 use crate::config::{Config as GatewayConfig, InstanceMode, PluginConfig, MAX_PLUGIN_MEMORY_MB};
+use crate::digest::hex;
 
 /// How often the epoch advances: the granularity of plugin deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -332,10 +333,6 @@ fn describe_imports(component: &Component, engine: &Engine, err: &wasmtime::Erro
         ),
         None => format!("its imports cannot be satisfied: {err:#}"),
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What `portcullis plugins inspect` reports about a component file.
