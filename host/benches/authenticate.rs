@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use http::{HeaderMap, HeaderValue};
 use portcullis::call::Call;
-use portcullis::config::Config;
+use portcullis::config::{Config, StoreConfig};
 use portcullis::generation::{self, Generation};
 use portcullis::governance::secret;
 use portcullis::governance::store::{KeyRecord, Policy, StoredSpend};
@@ -62,6 +62,7 @@ async fn measure(generation: &Generation, headers: &HeaderMap, admit: bool, call
                 let mut call = Call::new(Endpoint::ChatCompletions);
                 call.principal = Some(principal);
                 authenticate::admit(generation.governance.as_deref(), &mut call, || 500)
+                    .await
                     .expect("within the limits");
             }
         }
@@ -80,7 +81,9 @@ async fn main() {
     let dir = std::env::temp_dir().join(format!("portcullis-auth-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a temp dir");
     let url = format!("sqlite://{}?mode=rwc", dir.join("bench.db").display());
-    let governance = Governance::start(&url, 429).await.expect("the store opens");
+    let governance = Governance::start(&url, &StoreConfig::default())
+        .await
+        .expect("the store opens");
     let yaml = "auth: { master_key: sk-master, keys: [{ key: sk-static, alias: static }] }\n\
                 models: [{ name: g, provider: mock }]\n";
     let config = Config::parse(yaml, &|_| None).expect("a valid bench config");

@@ -26,7 +26,7 @@ use crate::admin;
 use crate::config::{Config, TlsConfig};
 use crate::error::GatewayError;
 use crate::generation::{self, Generation, GenerationError};
-use crate::governance::{self, store::StoreError, Governance};
+use crate::governance::{self, Governance, StartError};
 use crate::pipeline::respond::{error_response, json_response, ResponseBody};
 use crate::pipeline::{self};
 use crate::plugins::PluginError;
@@ -45,7 +45,7 @@ pub enum ServerError {
     #[error(transparent)]
     Generation(#[from] GenerationError),
     #[error("store: {0}")]
-    Store(#[from] StoreError),
+    Store(#[from] StartError),
 }
 
 /// A slow client may not hold a connection open by trickling its request head.
@@ -79,8 +79,7 @@ pub async fn serve(
     let tls = config.server.tls.as_ref().map(tls_acceptor).transpose()?;
     let drain = Duration::try_from_secs_f64(config.server.shutdown_drain_s)
         .unwrap_or(Duration::from_secs(30));
-    let governance =
-        Governance::start(&config.database_url(), config.store.budget_exceeded_status).await?;
+    let governance = Governance::start(&config.database_url(), &config.store).await?;
     let shared_parts =
         generation::Shared::start(config.server.post_call_queue, Some(Arc::clone(&governance)))?;
     let reloader = Reloader::start(config_path, config, shared_parts).await?;

@@ -99,6 +99,11 @@ pub struct StoreConfig {
     /// 429 (the default, which the OpenAI SDKs raise as a rate-limit error without retrying) or
     /// 422, as LiteLLM's newer releases answer an exhausted budget.
     pub budget_exceeded_status: u16,
+    /// `redis://HOST:PORT`: replicas share rate-limit and spend counters and hear of changes.
+    pub redis_url: Option<String>,
+    /// While Redis is unreachable, refuse calls with budgets or limits (503) instead of counting
+    /// them on each replica alone.
+    pub fail_closed: bool,
 }
 
 impl Default for StoreConfig {
@@ -106,6 +111,8 @@ impl Default for StoreConfig {
         StoreConfig {
             database_url: None,
             budget_exceeded_status: 429,
+            redis_url: None,
+            fail_closed: false,
         }
     }
 }
@@ -472,6 +479,20 @@ impl Config {
                     "must start with sqlite:, postgres:// or postgresql://",
                 ));
             }
+        }
+        if let Some(url) = &self.store.redis_url {
+            if !url.starts_with("redis://") || redis::Client::open(url.as_str()).is_err() {
+                return Err(ConfigError::field(
+                    "store.redis_url",
+                    "must be a redis://HOST[:PORT][/DB] URL",
+                ));
+            }
+        }
+        if self.store.fail_closed && self.store.redis_url.is_none() {
+            return Err(ConfigError::field(
+                "store.fail_closed",
+                "applies to Redis only: set store.redis_url too",
+            ));
         }
         if ![422, 429].contains(&self.store.budget_exceeded_status) {
             return Err(ConfigError::field(

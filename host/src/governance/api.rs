@@ -1,6 +1,7 @@
 //! The management routes, in LiteLLM's paths and shapes so that existing scripts keep working:
 //! `/key/*`, `/team/*`, `/user/*` and `/spend/logs`. Master key only, except that any key may read
-//! its own `/key/info`. **Every change invalidates the cached keys it touches before it answers.**
+//! its own `/key/info`. **Every change invalidates the cached keys it touches, here and on every
+//! replica it can reach, before it answers.**
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Response, StatusCode};
@@ -8,7 +9,8 @@ use http_body::Body;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
-use super::limits::Kind;
+use super::changes::Change;
+use super::limits::{EntityId, Kind};
 use super::period::{self, Span};
 use super::secret;
 use super::store::{
@@ -118,8 +120,8 @@ where
             record.key_name = secret::abbreviate(&key);
             record.updated_at = period::now_ms();
             g.store.update(&record).await.map_err(internal)?;
-            g.invalidate(&old_token);
-            g.invalidate(&record.token);
+            g.announce(&[Change::Key(old_token), Change::Key(record.token.clone())])
+                .await;
             created(g, key, &record)
         }
         "/key/delete" => {
@@ -134,10 +136,16 @@ where
                 .delete_keys(&ids, period::now_ms())
                 .await
                 .map_err(internal)?;
-            for record in &records {
-                g.invalidate(&record.token);
-                g.forget(Kind::Key, &record.id);
-            }
+            let changes: Vec<Change> = records
+                .iter()
+                .flat_map(|r| {
+                    [
+                        Change::Key(r.token.clone()),
+                        Change::Deleted(EntityId::new(Kind::Key, &r.id)),
+                    ]
+                })
+                .collect();
+            g.announce(&changes).await;
             json!({ "deleted_keys": given })
         }
         "/key/list" => list_keys(g, &params).await?,
@@ -164,7 +172,7 @@ where
             fields.finish()?;
             team.updated_at = now;
             g.store.update(&team).await.map_err(internal)?;
-            g.invalidate_all();
+            g.announce(&[Change::Everything]).await;
             team_json(g, &team)
         }
         "/team/delete" => {
@@ -178,9 +186,13 @@ where
                     .delete_team(id, period::now_ms())
                     .await
                     .map_err(internal)?;
-                g.forget(Kind::Team, id);
             }
-            g.invalidate_all();
+            let mut changes: Vec<Change> = ids
+                .iter()
+                .map(|id| Change::Deleted(EntityId::new(Kind::Team, id)))
+                .collect();
+            changes.push(Change::Everything);
+            g.announce(&changes).await;
             json!({ "deleted_teams": ids })
         }
         "/team/info" => {
@@ -409,7 +421,7 @@ async fn generate(
     record.spend.period_start = record.policy.period_start(now);
     g.store.insert(&record).await.map_err(internal)?;
     // A lookup of this key before it existed may have been cached as unknown.
-    g.invalidate(&record.token);
+    g.announce(&[Change::Key(record.token.clone())]).await;
     Ok((key, record))
 }
 
@@ -424,7 +436,7 @@ fn created(g: &Governance, key: String, record: &KeyRecord) -> Value {
 
 async fn save_key(g: &Governance, record: &KeyRecord) -> Result<Value, GatewayError> {
     g.store.update(record).await.map_err(internal)?;
-    g.invalidate(&record.token);
+    g.announce(&[Change::Key(record.token.clone())]).await;
     Ok(key_json(g, record))
 }
 

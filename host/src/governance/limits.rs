@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::store::Policy;
+use super::store::{Policy, StoredSpend};
 
 /// Which table an entity lives in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -122,6 +122,18 @@ impl EntityState {
         let mut c = self.lock();
         c.roll(policy.period_start(now_ms));
         c.spend
+    }
+
+    /// Brings the spend in line with the store's total (which holds every replica's flushed spend)
+    /// plus `unflushed`, this process's spend in the current period not yet written.
+    pub fn sync_spend(&self, policy: &Policy, stored: StoredSpend, unflushed: f64, now_ms: i64) {
+        let mut c = self.lock();
+        c.roll(policy.period_start(now_ms).max(stored.period_start));
+        c.spend = if stored.period_start == c.period_start {
+            stored.spend + unflushed
+        } else {
+            unflushed
+        };
     }
 
     /// Adds `cost` to the current period; returns the period it was added to.
@@ -267,12 +279,19 @@ impl Bucket {
     }
 
     fn allowance(&self, per_minute: u64) -> Allowance {
+        Allowance::at_level(per_minute, self.level)
+    }
+}
+
+impl Allowance {
+    /// The allowance of a bucket filled to `level`, here or in Redis.
+    pub fn at_level(per_minute: u64, level: f64) -> Allowance {
         Allowance {
             limit: per_minute,
-            remaining: self.level.max(0.0).floor() as u64,
+            remaining: level.max(0.0).floor() as u64,
             // From the level itself: a call bigger than the allowance overdraws it, and the reset
             // is when the overdraft is paid back too.
-            reset: refill_time(per_minute, per_minute as f64 - self.level),
+            reset: refill_time(per_minute, per_minute as f64 - level),
         }
     }
 }
@@ -382,6 +401,26 @@ mod tests {
         assert_eq!(s.spend(&p, 9_999), 1.5);
         assert_eq!(s.spend(&p, 10_000), 0.0);
         assert_eq!(s.add_spend(&p, 0.5, 12_000), 10_000);
+    }
+
+    #[test]
+    fn a_sync_takes_the_stored_total_plus_what_is_not_yet_written() {
+        let s = state();
+        let p = Policy::default();
+        s.add_spend(&p, 1.0, 5);
+        let stored = StoredSpend {
+            spend: 3.0,
+            period_start: 0,
+        };
+        s.sync_spend(&p, stored, 0.25, 10);
+        assert_eq!(s.spend(&p, 10), 3.25);
+        // A stored total from an ended period counts for nothing.
+        let p = Policy {
+            budget_duration: Some("10s".into()),
+            ..Policy::default()
+        };
+        s.sync_spend(&p, stored, 0.5, 25_000);
+        assert_eq!(s.spend(&p, 25_000), 0.5);
     }
 
     #[test]

@@ -6,11 +6,17 @@
 //! key, team and user, kept across cache refreshes. Spend is added to them before a response is
 //! sent, so the very next request sees it, and reaches the store in batches once a second and on
 //! shutdown.
+//!
+//! Replicas share one store (Postgres) and, optionally, Redis ([`shared`]): then the counters that
+//! must hold across replicas (spend, rate limits, calls in flight) are kept there too, and every
+//! change is announced to the other replicas ([`changes`]).
 
 pub mod api;
+pub mod changes;
 pub mod limits;
 pub mod period;
 pub mod secret;
+pub mod shared;
 pub mod store;
 
 use std::collections::HashMap;
@@ -21,9 +27,12 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use tokio::time::Instant;
 
 use crate::call::{Call, Outcome};
+use crate::config::StoreConfig;
 use crate::error::GatewayError;
 use crate::pipeline::authenticate::Principal;
+use changes::Change;
 use limits::{Allowance, EntityId, EntityState, Kind, Refusal, Taken};
+use shared::{Ask, Held, Shared, Standing, Verdict};
 use store::{KeyRecord, Policy, SpendDelta, SpendRow, Store, StoreError, StoredSpend};
 
 /// How long a resolved key is served before it is re-read in the background, in case a change
@@ -33,10 +42,24 @@ const CACHE_TTL: Duration = Duration::from_secs(30);
 const MAX_REFUSED_ENTRIES: usize = 100_000;
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot use store.redis_url: {0}")]
+    Redis(#[from] shared::SharedError),
+    #[error("the operating system's random source failed: {0}")]
+    Random(getrandom::Error),
+}
+
 /// The governance of one gateway process; shared by every generation.
 #[derive(Debug)]
 pub struct Governance {
     store: Store,
+    /// Counters shared with other replicas, when `store.redis_url` is set.
+    shared: Option<Arc<Shared>>,
+    /// Names this process in the changes it announces, so it can skip its own.
+    origin: String,
     budget_exceeded_status: StatusCode,
     cache: RwLock<HashMap<String, Cached>>,
     states: Mutex<HashMap<EntityId, Arc<EntityState>>>,
@@ -83,9 +106,20 @@ impl Governed {
 #[derive(Debug)]
 pub struct Admission {
     taken: Vec<(Arc<EntityState>, Taken)>,
+    /// What the call holds in Redis instead, when the counters are shared.
+    held: Option<(Arc<Shared>, Held)>,
+    used_tokens: Mutex<Option<u64>>,
 }
 
 impl Admission {
+    fn new() -> Admission {
+        Admission {
+            taken: Vec::new(),
+            held: None,
+            used_tokens: Mutex::new(None),
+        }
+    }
+
     /// Replaces the token reservation by the call's real usage.
     pub fn settle(&self, used_tokens: u64) {
         for (state, taken) in &self.taken {
@@ -93,6 +127,7 @@ impl Admission {
                 state.settle_tokens(taken.tokens(), used_tokens);
             }
         }
+        *lock(&self.used_tokens) = Some(used_tokens);
     }
 }
 
@@ -101,19 +136,29 @@ impl Drop for Admission {
         for (state, taken) in &self.taken {
             state.end_call(*taken);
         }
+        if let Some((shared, held)) = self.held.take() {
+            shared.release(held, *lock(&self.used_tokens));
+        }
     }
 }
 
 impl Governance {
-    /// Opens the store and starts the spend writer on the current tokio runtime.
+    /// Opens the store (and Redis, if configured) and starts the spend writer and the change
+    /// listeners on the current tokio runtime.
     pub async fn start(
         database_url: &str,
-        budget_exceeded_status: u16,
-    ) -> Result<Arc<Governance>, StoreError> {
+        settings: &StoreConfig,
+    ) -> Result<Arc<Governance>, StartError> {
         let store = Store::open(database_url).await?;
+        let shared = match &settings.redis_url {
+            Some(url) => Some(Shared::start(url, settings.fail_closed).await?),
+            None => None,
+        };
         let governance = Arc::new(Governance {
             store,
-            budget_exceeded_status: StatusCode::from_u16(budget_exceeded_status)
+            shared,
+            origin: secret::generate_id().map_err(StartError::Random)?,
+            budget_exceeded_status: StatusCode::from_u16(settings.budget_exceeded_status)
                 .unwrap_or(StatusCode::TOO_MANY_REQUESTS),
             cache: RwLock::new(HashMap::new()),
             states: Mutex::new(HashMap::new()),
@@ -132,7 +177,58 @@ impl Governance {
                 governance.flush().await;
             }
         });
+        if governance.store.engine() == "postgres" {
+            tokio::spawn(changes::listen_postgres(
+                Arc::downgrade(&governance),
+                database_url.to_owned(),
+            ));
+        }
+        if let Some(shared) = &governance.shared {
+            let shared = Arc::clone(shared);
+            let weak = Arc::downgrade(&governance);
+            tokio::spawn(async move {
+                let alive = || weak.strong_count() > 0;
+                shared
+                    .watch(changes::CHANNEL, alive, |message| {
+                        changes::heard(&weak, message)
+                    })
+                    .await;
+            });
+        }
         Ok(governance)
+    }
+
+    /// This process's name in the changes it announces.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// Applies changes here and announces them to the other replicas before returning, so a
+    /// management call's answer means every replica has been told.
+    pub async fn announce(&self, changes: &[Change]) {
+        for change in changes {
+            self.apply(change);
+            let message = change.encode(&self.origin);
+            if let Err(e) = self.store.notify(changes::CHANNEL, &message).await {
+                tracing::warn!(error = %e, "cannot announce a change through the store");
+            }
+            if let Some(shared) = &self.shared {
+                shared.publish(changes::CHANNEL, &message).await;
+            }
+        }
+    }
+
+    /// Applies a change made here or announced by another replica.
+    pub fn apply(&self, change: &Change) {
+        match change {
+            Change::Key(token) => {
+                write(&self.cache).remove(token);
+            }
+            Change::Deleted(entity) => {
+                lock(&self.states).remove(entity);
+            }
+            Change::Everything => write(&self.cache).clear(),
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -145,6 +241,7 @@ impl Governance {
             "database": self.store.engine(),
             "cached_keys": read(&self.cache).len(),
             "pending_spend_rows": lock(&self.pending).rows.len(),
+            "redis": self.shared.as_ref().map(|shared| shared.status()),
         })
     }
 
@@ -196,8 +293,12 @@ impl Governance {
         }
     }
 
-    /// Reads a key (with its team and user) from the store into the cache.
+    /// Reads a key (with its team and user) from the store into the cache, and brings their
+    /// counters' spend in line with the store's totals.
     async fn load(&self, token: &str) -> Result<Found, StoreError> {
+        // No flush in between the reads and the sync: the store's totals and the spend still
+        // queued must not overlap or leave a gap.
+        let _no_flush = self.flushing.lock().await;
         let found = match self.store.key_by_token(token).await? {
             None => Found::Refused("invalid API key"),
             Some(key) if key.deleted_at.is_some() => Found::Refused("this API key was deleted"),
@@ -240,18 +341,18 @@ impl Governance {
     ) -> Principal {
         let mut entities = vec![(
             key.policy.clone(),
-            self.state(Kind::Key, &key.id, key.spend),
+            self.state(Kind::Key, &key.id, &key.policy, key.spend),
         )];
         if let Some(team) = &team {
             entities.push((
                 team.policy.clone(),
-                self.state(Kind::Team, &team.team_id, team.spend),
+                self.state(Kind::Team, &team.team_id, &team.policy, team.spend),
             ));
         }
         if let Some(user) = &user {
             entities.push((
                 user.policy.clone(),
-                self.state(Kind::User, &user.user_id, user.spend),
+                self.state(Kind::User, &user.user_id, &user.policy, user.spend),
             ));
         }
         // A model must be allowed by every one of key, team and user that lists models.
@@ -281,77 +382,195 @@ impl Governance {
         }
     }
 
-    /// The live counters of an entity, created from its stored spend the first time.
-    fn state(&self, kind: Kind, id: &str, stored: StoredSpend) -> Arc<EntityState> {
+    /// The live counters of an entity, their spend set from the store's total (every replica's
+    /// flushed spend) plus this process's spend not yet written. Call with no flush running.
+    fn state(
+        &self,
+        kind: Kind,
+        id: &str,
+        policy: &Policy,
+        stored: StoredSpend,
+    ) -> Arc<EntityState> {
         let entity = EntityId::new(kind, id);
-        let mut states = lock(&self.states);
-        Arc::clone(states.entry(entity.clone()).or_insert_with(|| {
+        let now_ms = period::now_ms();
+        let unflushed = self.unflushed(&entity, policy.period_start(now_ms));
+        let state = Arc::clone(lock(&self.states).entry(entity.clone()).or_insert_with(|| {
             Arc::new(EntityState::new(entity, stored.spend, stored.period_start))
-        }))
+        }));
+        state.sync_spend(policy, stored, unflushed, now_ms);
+        state
     }
 
-    /// The live spend of an entity, or `stored` if it has not been used since start.
+    /// This process's spend of an entity in a period, queued but not yet written.
+    fn unflushed(&self, entity: &EntityId, period_start: i64) -> f64 {
+        lock(&self.pending)
+            .deltas
+            .iter()
+            .filter(|d| d.entity == *entity && d.period_start == period_start)
+            .map(|d| d.amount)
+            .sum()
+    }
+
+    /// An entity's spend in its current period: the larger of the live counter and the store's
+    /// `stored` total plus what is queued here (each can lag the other by a flush).
     pub fn spend_of(&self, kind: Kind, id: &str, policy: &Policy, stored: StoredSpend) -> f64 {
         let entity = EntityId::new(kind, id);
         let now = period::now_ms();
+        let current = policy.period_start(now);
+        let written = if stored.period_start < current {
+            0.0
+        } else {
+            stored.spend
+        };
+        let from_store = written + self.unflushed(&entity, current);
         match lock(&self.states).get(&entity) {
-            Some(state) => state.spend(policy, now),
-            None if stored.period_start < policy.period_start(now) => 0.0,
-            None => stored.spend,
+            Some(state) => state.spend(policy, now).max(from_store),
+            None => from_store,
         }
     }
 
-    /// Forgets a key's cached resolution, so its next request reads the store.
-    pub fn invalidate(&self, token: &str) {
-        write(&self.cache).remove(token);
-    }
-
-    /// Forgets every cached key: a team or user changed, which any key may belong to.
-    pub fn invalidate_all(&self) {
-        write(&self.cache).clear();
-    }
-
-    /// Drops a deleted entity's counters.
-    pub fn forget(&self, kind: Kind, id: &str) {
-        lock(&self.states).remove(&EntityId::new(kind, id));
-    }
-
-    /// Checks budgets and takes rate-limit allowances for a call, key first, then team and user.
-    /// Sets the call's `x-ratelimit-*` and spend headers either way.
-    pub fn admit(
+    /// Checks budgets and takes rate-limit allowances for a call, key first, then team and user:
+    /// in Redis when the counters are shared and it is reachable, here otherwise. Sets the call's
+    /// `x-ratelimit-*` and spend headers either way.
+    pub async fn admit(
         &self,
         call: &mut Call,
         governed: &Governed,
         tokens: u64,
     ) -> Result<Admission, GatewayError> {
         let now_ms = period::now_ms();
-        let now = Instant::now();
-        for (policy, state) in &governed.entities {
-            let is_key = state.id.kind == Kind::Key;
-            if !is_key && policy.max_budget.is_none() {
-                continue;
-            }
-            let spend = state.spend(policy, now_ms);
-            if is_key {
-                call.key_headers.push((KEY_SPEND, number(spend)));
-                if let Some(max) = policy.max_budget {
-                    call.key_headers.push((KEY_MAX_BUDGET, number(max)));
-                }
-            }
-            let Some(max) = policy.max_budget else {
-                continue;
-            };
-            if spend >= max {
-                return Err(GatewayError::BudgetExceeded {
-                    message: format!(
-                        "budget exceeded for this {}: spend {spend} of max_budget {max}",
-                        state.id.kind.noun()
-                    ),
-                    status: self.budget_exceeded_status,
-                });
+        // This process's own spend counts at once, even before Redis has it.
+        let spends: Vec<f64> = governed
+            .entities
+            .iter()
+            .map(|(policy, state)| state.spend(policy, now_ms))
+            .collect();
+        if let Some(refused) = self.over_budget(call, governed, &spends) {
+            return Err(refused);
+        }
+        let Some(shared) = &self.shared else {
+            return self.admit_here(call, governed, &spends, tokens);
+        };
+        if shared.is_up() {
+            let asks: Vec<Ask<'_>> = governed
+                .entities
+                .iter()
+                .zip(&spends)
+                .map(|((policy, state), spend)| Ask {
+                    entity: &state.id,
+                    policy,
+                    local_spend: *spend,
+                })
+                .collect();
+            // On an error Redis is marked down, and the call is decided as the next ones are.
+            if let Ok((verdict, held)) = shared.admit(&asks, tokens).await {
+                return self.decide_shared(call, governed, spends, shared, verdict, held);
             }
         }
-        let mut admission = Admission { taken: Vec::new() };
+        if shared.fail_closed() && governed.entities.iter().any(|(p, _)| p.is_limited()) {
+            return Err(GatewayError::Unavailable(
+                "the shared counters (Redis) are unreachable and store.fail_closed is set; \
+                 try again"
+                    .into(),
+            ));
+        }
+        self.admit_here(call, governed, &spends, tokens)
+    }
+
+    /// Turns Redis's verdict into an admission or a refusal, with the headers.
+    fn decide_shared(
+        &self,
+        call: &mut Call,
+        governed: &Governed,
+        mut spends: Vec<f64>,
+        shared: &Arc<Shared>,
+        verdict: Verdict,
+        held: Held,
+    ) -> Result<Admission, GatewayError> {
+        match verdict {
+            Verdict::Admitted(standings) => {
+                for (spend, standing) in spends.iter_mut().zip(&standings) {
+                    *spend = spend.max(standing.spend);
+                }
+                if let Some(refused) = self.over_budget(call, governed, &spends) {
+                    shared.release(held, Some(0));
+                    return Err(refused);
+                }
+                push_spend_headers(call, governed, &spends);
+                if let Some((_, standing)) = governed
+                    .entities
+                    .iter()
+                    .zip(&standings)
+                    .find(|((policy, _), _)| policy.has_rate_limits())
+                {
+                    push_standing(call, standing);
+                }
+                let mut admission = Admission::new();
+                admission.held = Some((Arc::clone(shared), held));
+                Ok(admission)
+            }
+            Verdict::OverBudget { index, spend } => {
+                spends[index] = spends[index].max(spend);
+                push_spend_headers(call, governed, &spends);
+                Err(self
+                    .over_budget(call, governed, &spends)
+                    .unwrap_or_else(|| self.budget_error(&governed.entities[index], spend)))
+            }
+            Verdict::Limited {
+                index,
+                refusal,
+                standing,
+            } => {
+                push_spend_headers(call, governed, &spends);
+                push_standing(call, &standing);
+                Err(rate_limited(governed.entities[index].1.id.kind, &refusal))
+            }
+        }
+    }
+
+    /// The refusal for the first of key, team and user at or over its budget, with the spend
+    /// headers set; `None` if all are within budget.
+    fn over_budget(
+        &self,
+        call: &mut Call,
+        governed: &Governed,
+        spends: &[f64],
+    ) -> Option<GatewayError> {
+        let (entity, spend) = governed
+            .entities
+            .iter()
+            .zip(spends)
+            .find(|((policy, _), spend)| policy.max_budget.is_some_and(|max| **spend >= max))?;
+        push_spend_headers(call, governed, spends);
+        Some(self.budget_error(entity, *spend))
+    }
+
+    fn budget_error(
+        &self,
+        (policy, state): &(Policy, Arc<EntityState>),
+        spend: f64,
+    ) -> GatewayError {
+        GatewayError::BudgetExceeded {
+            message: format!(
+                "budget exceeded for this {}: spend {spend} of max_budget {}",
+                state.id.kind.noun(),
+                policy.max_budget.unwrap_or_default()
+            ),
+            status: self.budget_exceeded_status,
+        }
+    }
+
+    /// Takes the rate-limit allowances from this process's counters.
+    fn admit_here(
+        &self,
+        call: &mut Call,
+        governed: &Governed,
+        spends: &[f64],
+        tokens: u64,
+    ) -> Result<Admission, GatewayError> {
+        push_spend_headers(call, governed, spends);
+        let now = Instant::now();
+        let mut admission = Admission::new();
         for (policy, state) in &governed.entities {
             if !policy.has_rate_limits() {
                 continue;
@@ -395,6 +614,9 @@ impl Governance {
                         period_start,
                         amount: call.cost,
                     });
+                }
+                if let Some(shared) = &self.shared {
+                    shared.charge(&deltas);
                 }
             }
         }
@@ -470,6 +692,23 @@ const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-re
 const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
 const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
 const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+
+/// `x-portcullis-key-spend` (the key is the first entity) and its `-max-budget`.
+fn push_spend_headers(call: &mut Call, governed: &Governed, spends: &[f64]) {
+    if call.key_headers.iter().any(|(name, _)| *name == KEY_SPEND) {
+        return;
+    }
+    if let (Some((policy, _)), Some(spend)) = (governed.entities.first(), spends.first()) {
+        call.key_headers.push((KEY_SPEND, number(*spend)));
+        if let Some(max) = policy.max_budget {
+            call.key_headers.push((KEY_MAX_BUDGET, number(max)));
+        }
+    }
+}
+
+fn push_standing(call: &mut Call, standing: &Standing) {
+    push_allowances(call, (standing.requests, standing.tokens));
+}
 
 fn push_allowances(call: &mut Call, (requests, tokens): (Option<Allowance>, Option<Allowance>)) {
     let names = [

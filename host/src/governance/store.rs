@@ -71,6 +71,11 @@ impl Policy {
     pub fn has_rate_limits(&self) -> bool {
         self.rpm_limit.is_some() || self.tpm_limit.is_some() || self.max_parallel_requests.is_some()
     }
+
+    /// Whether calls count against anything: a budget or a rate limit.
+    pub fn is_limited(&self) -> bool {
+        self.max_budget.is_some() || self.has_rate_limits()
+    }
 }
 
 /// Spend as last written: the total of the period that started at `period_start`.
@@ -603,6 +608,19 @@ impl Store {
     /// `sqlite` or `postgres`.
     pub fn engine(&self) -> &'static str {
         self.engine
+    }
+
+    /// Tells the other replicas on this database of a change (Postgres only: replicas do not share
+    /// an embedded SQLite file).
+    pub async fn notify(&self, channel: &str, message: &str) -> Result<(), StoreError> {
+        if self.engine == "postgres" {
+            query("SELECT pg_notify($1, $2)")
+                .bind(channel.to_owned())
+                .bind(message.to_owned())
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Closes the pool, waiting for connections in use.

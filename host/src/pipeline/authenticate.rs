@@ -148,7 +148,7 @@ fn static_key<'h>(keys: &KeyTable, headers: &'h HeaderMap) -> Result<Lookup<'h>,
 
 /// Budgets and rate limits of a stored key, its team and its user; `prompt_tokens` is the call's
 /// estimated size, reserved against token limits. Static keys have none.
-pub fn admit(
+pub async fn admit(
     governance: Option<&Governance>,
     call: &mut crate::call::Call,
     prompt_tokens: impl FnOnce() -> u64,
@@ -164,7 +164,7 @@ pub fn admit(
     } else {
         0
     };
-    let admission = governance.admit(call, governed, tokens)?;
+    let admission = governance.admit(call, governed, tokens).await?;
     call.admission = Some(Arc::new(admission));
     Ok(())
 }

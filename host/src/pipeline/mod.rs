@@ -99,7 +99,8 @@ where
     )?;
     authenticate::admit(generation.governance.as_deref(), call, || {
         route::estimate_prompt_tokens(&request) + request.max_output_tokens()
-    })?;
+    })
+    .await?;
     guardrails::pre_call(generation, call, &mut request).await?;
     let during = guardrails::DuringCall::select(generation, call, &request);
     let stream_guards = guardrails::StreamGuards::select(generation, call, &request);
