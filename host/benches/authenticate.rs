@@ -6,6 +6,9 @@
 //! ```sh
 //! cargo bench -p portcullis --bench authenticate         # AUTH_CALLS=1000000 for more calls
 //! ```
+//!
+//! With `PORTCULLIS_BENCH_REDIS_URL=redis://...` it also measures the limited key with its counters
+//! in Redis, as replicas keep them.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -72,16 +75,10 @@ async fn measure(generation: &Generation, headers: &HeaderMap, admit: bool, call
     rounds[ROUNDS / 2]
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
-    let calls: usize = std::env::var("AUTH_CALLS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(200_000);
-    let dir = std::env::temp_dir().join(format!("portcullis-auth-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("a temp dir");
+/// A generation whose governance stores into a fresh SQLite file in `dir`, with the bench's keys.
+async fn gateway(dir: &std::path::Path, store: StoreConfig) -> (Arc<Governance>, Generation) {
     let url = format!("sqlite://{}?mode=rwc", dir.join("bench.db").display());
-    let governance = Governance::start(&url, &StoreConfig::default())
+    let governance = Governance::start(&url, &store)
         .await
         .expect("the store opens");
     let yaml = "auth: { master_key: sk-master, keys: [{ key: sk-static, alias: static }] }\n\
@@ -91,9 +88,6 @@ async fn main() {
     let generation = Generation::build(config, &shared, None)
         .await
         .expect("a generation");
-
-    let plain = "sk-stored-plain-0123456789abcdef";
-    let limited = "sk-stored-limited-0123456789abcdef";
     let limits = Policy {
         max_budget: Some(1e9),
         rpm_limit: Some(u64::MAX / 2),
@@ -102,25 +96,54 @@ async fn main() {
         ..Policy::default()
     };
     for record in [
-        stored_key("plain", plain, Policy::default()),
-        stored_key("limited", limited, limits),
+        stored_key("plain", PLAIN, Policy::default()),
+        stored_key("limited", LIMITED, limits),
     ] {
         governance.store().insert(&record).await.expect("insert");
     }
+    (governance, generation)
+}
+
+const PLAIN: &str = "sk-stored-plain-0123456789abcdef";
+const LIMITED: &str = "sk-stored-limited-0123456789abcdef";
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let calls: usize = std::env::var("AUTH_CALLS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(200_000);
+    let dir = std::env::temp_dir().join(format!("portcullis-auth-bench-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("local")).expect("a temp dir");
+    let (governance, generation) = gateway(&dir.join("local"), StoreConfig::default()).await;
 
     let static_ns = measure(&generation, &bearer("sk-static"), false, calls).await;
-    let stored_ns = measure(&generation, &bearer(plain), false, calls).await;
-    let limited_ns = measure(&generation, &bearer(limited), true, calls).await;
-    println!("authenticate stage, median of {ROUNDS} rounds of {calls} calls");
-    println!("| key | ns per call | x static |");
-    println!("|---|---|---|");
-    for (name, ns) in [
+    let stored_ns = measure(&generation, &bearer(PLAIN), false, calls).await;
+    let limited_ns = measure(&generation, &bearer(LIMITED), true, calls).await;
+    let mut rows = vec![
         ("static (config)", static_ns),
         ("stored, cached", stored_ns),
         ("stored, budget + rpm/tpm/parallel limits", limited_ns),
-    ] {
+    ];
+    governance.shutdown().await;
+    // Counters in Redis cost a round trip per call: fewer calls, same medians.
+    let redis_url = std::env::var("PORTCULLIS_BENCH_REDIS_URL").unwrap_or_default();
+    if !redis_url.is_empty() {
+        std::fs::create_dir_all(dir.join("redis")).expect("a temp dir");
+        let store = StoreConfig {
+            redis_url: Some(redis_url),
+            ..StoreConfig::default()
+        };
+        let (governance, generation) = gateway(&dir.join("redis"), store).await;
+        let ns = measure(&generation, &bearer(LIMITED), true, (calls / 20).max(100)).await;
+        rows.push(("stored, budget + limits, counters in Redis", ns));
+        governance.shutdown().await;
+    }
+    println!("authenticate stage, median of {ROUNDS} rounds of {calls} calls");
+    println!("| key | ns per call | x static |");
+    println!("|---|---|---|");
+    for (name, ns) in rows {
         println!("| {name} | {ns:.0} | {:.2}x |", ns / static_ns);
     }
-    governance.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -761,6 +761,22 @@ mod tests {
     }
 
     #[test]
+    fn redis_settings_are_checked() {
+        let store = |yaml: &str| parse(&format!("{MINIMAL}store: {yaml}\n"));
+        let ok = store("{ redis_url: 'redis://127.0.0.1:6379/2', fail_closed: true }")
+            .expect("a redis store");
+        assert!(ok.store.fail_closed);
+        for (yaml, field) in [
+            ("{ redis_url: 'http://cache:6379' }", "store.redis_url:"),
+            ("{ redis_url: 'redis://' }", "store.redis_url:"),
+            ("{ fail_closed: true }", "store.fail_closed:"),
+        ] {
+            let err = store(yaml).expect_err(yaml).to_string();
+            assert!(err.starts_with(field), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
     fn azure_needs_api_version_and_base() {
         let err = parse("models:\n  - { name: a, provider: azure, api_base: 'https://x' }\n")
             .expect_err("no version")

@@ -598,11 +598,13 @@ impl Governance {
     }
 
     /// Counts a finished call's cost against its key, team and user, now, and queues its spend
-    /// row for the store.
-    pub fn charge(&self, call: &Call, outcome: &Outcome) {
+    /// row for the store. The shared totals in Redis are charged in the background; the handle
+    /// says when that has landed.
+    pub fn charge(&self, call: &Call, outcome: &Outcome) -> Option<tokio::task::JoinHandle<()>> {
         let Some(principal) = &call.principal else {
-            return;
+            return None;
         };
+        let mut charging = None;
         let now_ms = period::now_ms();
         let mut deltas = Vec::new();
         if let Some(governed) = &principal.governed {
@@ -616,7 +618,7 @@ impl Governance {
                     });
                 }
                 if let Some(shared) = &self.shared {
-                    shared.charge(&deltas);
+                    charging = shared.charge(&deltas);
                 }
             }
         }
@@ -654,6 +656,7 @@ impl Governance {
         let mut pending = lock(&self.pending);
         pending.rows.push(row);
         pending.deltas.extend(deltas);
+        charging
     }
 
     /// Writes the spend queued so far; on failure it stays queued for the next try.

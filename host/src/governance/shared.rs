@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
+use tokio::task::JoinHandle;
 
 use super::limits::{Allowance, EntityId, Refusal};
 use super::period;
@@ -364,15 +365,16 @@ impl Shared {
         }
     }
 
-    /// Adds a finished call's cost to the shared totals, without delaying the caller.
-    pub fn charge(self: &Arc<Self>, deltas: &[SpendDelta]) {
+    /// Adds a finished call's cost to the shared totals in a task of its own; a caller that can
+    /// wait for it to land awaits the handle.
+    pub fn charge(self: &Arc<Self>, deltas: &[SpendDelta]) -> Option<JoinHandle<()>> {
         let totals: Vec<(String, f64)> = deltas
             .iter()
             .map(|d| (spend_key(&d.entity, d.period_start), d.amount))
             .collect();
         if !self.is_up() {
             self.owe(totals);
-            return;
+            return None;
         }
         let shared = Arc::clone(self);
         spawn(async move {
@@ -380,7 +382,7 @@ impl Shared {
                 shared.mark_down(&e);
                 shared.owe(totals);
             }
-        });
+        })
     }
 
     async fn add_spend(&self, totals: &[(String, f64)]) -> Result<(), SharedError> {
@@ -537,11 +539,10 @@ fn optional<T: ToString>(value: Option<T>) -> String {
     value.map(|v| v.to_string()).unwrap_or_default()
 }
 
-fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) {
+fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) -> Option<JoinHandle<()>> {
     // Drops can run outside the runtime (at exit); then there is nothing left to tell Redis.
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(task);
-    }
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    Some(runtime.spawn(task))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

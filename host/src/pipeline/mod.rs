@@ -44,13 +44,16 @@ where
     let span = tracing::info_span!("call", call_id = %call.id, endpoint = endpoint.path());
     async move {
         match run(&generation, &mut call, &headers, body).await {
-            Ok(ready) => respond::respond(
-                generation,
-                call,
-                ready.routed,
-                ready.include_usage,
-                ready.stream_guards,
-            ),
+            Ok(ready) => {
+                respond::respond(
+                    generation,
+                    call,
+                    ready.routed,
+                    ready.include_usage,
+                    ready.stream_guards,
+                )
+                .await
+            }
             Err(err) => {
                 let mut response = respond::error_response(&err, Some(&call.id));
                 respond::add_key_headers(&mut response, &call);

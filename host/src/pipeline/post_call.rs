@@ -20,16 +20,32 @@ type Hooks = Arc<[Arc<dyn CallHook>]>;
 /// Ends a call: its usage settles its key's token reservation, its cost is charged to the key's
 /// counters (at once, before the caller can send another request) and queued for the store, its
 /// parallel slot is freed, and the hooks get its record.
-pub fn finish(generation: &Generation, call: Call, outcome: Outcome) {
+pub fn finish(generation: &Generation, call: Call, outcome: Outcome) -> Charging {
     if let (Some(admission), Some(usage)) = (&call.admission, call.usage) {
         admission.settle(usage.total_tokens);
     }
-    if let Some(governance) = &generation.governance {
-        governance.charge(&call, &outcome);
-    }
+    let charging = generation
+        .governance
+        .as_ref()
+        .and_then(|governance| governance.charge(&call, &outcome));
     generation
         .post_call
         .submit(&generation.hooks, call.record(outcome));
+    Charging(charging)
+}
+
+/// A call's cost on its way to the counters other replicas share. A response that can wait for
+/// it does, so the client's next request sees the spend whichever replica it reaches.
+#[derive(Debug, Default)]
+pub struct Charging(Option<tokio::task::JoinHandle<()>>);
+
+impl Charging {
+    pub async fn landed(self) {
+        if let Some(task) = self.0 {
+            // A failed charge is owed and retried by the shared counters themselves.
+            let _ = task.await;
+        }
+    }
 }
 
 /// The handle stages use to hand finished calls to the hooks; cheap to clone.

@@ -19,6 +19,7 @@ use crate::error::GatewayError;
 use crate::generation::Generation;
 use crate::json;
 use crate::pipeline::guardrails::StreamGuards;
+use crate::pipeline::post_call::Charging;
 use crate::pipeline::route::{Answer, Routed};
 use crate::providers::{ChunkStream, Endpoint, JsonObject, Usage};
 use crate::router::{Deployment, InFlight};
@@ -58,7 +59,7 @@ const CALL_ID: HeaderName = HeaderName::from_static("x-portcullis-call-id");
 
 /// Builds the client's response from the upstream's answer. `guards` check a stream's text on
 /// its way to the client.
-pub fn respond(
+pub async fn respond(
     generation: Arc<Generation>,
     call: Call,
     routed: Routed,
@@ -79,7 +80,9 @@ pub fn respond(
             add_headers(&mut response, &call, &deployment, Some(call.cost));
             drop(in_flight);
             // Charged before the client has the answer: its next request sees the spend.
-            super::post_call::finish(&generation, call, Outcome::Success);
+            super::post_call::finish(&generation, call, Outcome::Success)
+                .landed()
+                .await;
             response
         }
         Answer::Stream { first, rest } => {
@@ -252,7 +255,7 @@ fn client_stream(
                         Err(err) => return Some((Ok(Frame::data(state.fail(err))), state)),
                     };
                     tail.extend_from_slice(sse::DONE);
-                    state.finish(Outcome::Success);
+                    state.finish(Outcome::Success).landed().await;
                     return Some((Ok(Frame::data(Bytes::from(tail))), state));
                 }
             }
@@ -281,13 +284,14 @@ impl StreamState {
         sse::encode_data(err.to_json().to_string().as_bytes())
     }
 
-    fn finish(&mut self, outcome: Outcome) {
-        if let Some(mut end) = self.end.take() {
-            if let Some(guards) = &self.guards {
-                end.call.guardrails.extend(guards.outcomes());
-            }
-            end.finish(outcome);
+    fn finish(&mut self, outcome: Outcome) -> Charging {
+        let Some(mut end) = self.end.take() else {
+            return Charging::default();
+        };
+        if let Some(guards) = &self.guards {
+            end.call.guardrails.extend(guards.outcomes());
         }
+        end.finish(outcome)
     }
 
     /// The SSE frames of text the guardrails still held when the upstream stream ended.
@@ -335,7 +339,7 @@ struct StreamEnd {
 }
 
 impl StreamEnd {
-    fn finish(self, outcome: Outcome) {
+    fn finish(self, outcome: Outcome) -> Charging {
         let StreamEnd {
             generation,
             call,
@@ -347,7 +351,7 @@ impl StreamEnd {
         }
         drop(in_flight);
         // Before the last frame goes out, so the next request sees this stream's spend.
-        super::post_call::finish(&generation, call, outcome);
+        super::post_call::finish(&generation, call, outcome)
     }
 }
 
