@@ -52,6 +52,28 @@ fn bearer(key: &str) -> HeaderMap {
     headers
 }
 
+/// Median nanoseconds of one PING, the floor for anything that asks Redis.
+async fn ping_ns(url: &str, calls: usize) -> f64 {
+    let client = redis::Client::open(url).expect("a redis url");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis is up");
+    let mut rounds = Vec::with_capacity(ROUNDS);
+    for _ in 0..ROUNDS {
+        let started = Instant::now();
+        for _ in 0..calls {
+            let _: String = redis::cmd("PING")
+                .query_async(&mut connection)
+                .await
+                .expect("a pong");
+        }
+        rounds.push(started.elapsed().as_nanos() as f64 / calls as f64);
+    }
+    rounds.sort_by(f64::total_cmp);
+    rounds[ROUNDS / 2]
+}
+
 /// Median nanoseconds per call of `calls` authentications (and admissions, if `admit`).
 async fn measure(generation: &Generation, headers: &HeaderMap, admit: bool, calls: usize) -> f64 {
     let mut rounds = Vec::with_capacity(ROUNDS);
@@ -131,12 +153,17 @@ async fn main() {
     if !redis_url.is_empty() {
         std::fs::create_dir_all(dir.join("redis")).expect("a temp dir");
         let store = StoreConfig {
-            redis_url: Some(redis_url),
+            redis_url: Some(redis_url.clone()),
             ..StoreConfig::default()
         };
         let (governance, generation) = gateway(&dir.join("redis"), store).await;
-        let ns = measure(&generation, &bearer(LIMITED), true, (calls / 20).max(100)).await;
+        let redis_calls = (calls / 20).max(100);
+        let ns = measure(&generation, &bearer(LIMITED), true, redis_calls).await;
         rows.push(("stored, budget + limits, counters in Redis", ns));
+        rows.push((
+            "(a Redis PING round trip, for scale)",
+            ping_ns(&redis_url, redis_calls).await,
+        ));
         governance.shutdown().await;
     }
     println!("authenticate stage, median of {ROUNDS} rounds of {calls} calls");

@@ -20,6 +20,7 @@ pub mod shared;
 pub mod store;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -66,6 +67,11 @@ pub struct Governance {
     pending: Mutex<Pending>,
     /// One flush at a time: the periodic one and the one at shutdown must not interleave.
     flushing: tokio::sync::Mutex<()>,
+    /// Odd while a flush has taken spend from the queue and not yet written (or restored) it; a
+    /// load syncs spend only if no flush overlapped its reads.
+    flushes: AtomicU64,
+    /// Bumped by every change applied: a load that overlapped one does not cache what it read.
+    changes: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -106,8 +112,9 @@ impl Governed {
 #[derive(Debug)]
 pub struct Admission {
     taken: Vec<(Arc<EntityState>, Taken)>,
-    /// What the call holds in Redis instead, when the counters are shared.
-    held: Option<(Arc<Shared>, Held)>,
+    /// What the call holds in Redis instead, when the counters are shared; given back with its
+    /// cost when it is charged, or on drop if it never is.
+    held: Mutex<Option<(Arc<Shared>, Held)>>,
     used_tokens: Mutex<Option<u64>>,
 }
 
@@ -115,7 +122,7 @@ impl Admission {
     fn new() -> Admission {
         Admission {
             taken: Vec::new(),
-            held: None,
+            held: Mutex::new(None),
             used_tokens: Mutex::new(None),
         }
     }
@@ -136,8 +143,8 @@ impl Drop for Admission {
         for (state, taken) in &self.taken {
             state.end_call(*taken);
         }
-        if let Some((shared, held)) = self.held.take() {
-            shared.release(held, *lock(&self.used_tokens));
+        if let Some((shared, held)) = lock(&self.held).take() {
+            shared.settle(&[], Some(held), *lock(&self.used_tokens));
         }
     }
 }
@@ -164,6 +171,8 @@ impl Governance {
             states: Mutex::new(HashMap::new()),
             pending: Mutex::new(Pending::default()),
             flushing: tokio::sync::Mutex::new(()),
+            flushes: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&governance);
         tokio::spawn(async move {
@@ -220,14 +229,17 @@ impl Governance {
 
     /// Applies a change made here or announced by another replica.
     pub fn apply(&self, change: &Change) {
+        let mut cache = write(&self.cache);
+        // Under the cache's lock, so a load either sees the count move or inserts before this.
+        self.changes.fetch_add(1, Ordering::SeqCst);
         match change {
             Change::Key(token) => {
-                write(&self.cache).remove(token);
+                cache.remove(token);
             }
             Change::Deleted(entity) => {
                 lock(&self.states).remove(entity);
             }
-            Change::Everything => write(&self.cache).clear(),
+            Change::Everything => cache.clear(),
         }
     }
 
@@ -296,9 +308,8 @@ impl Governance {
     /// Reads a key (with its team and user) from the store into the cache, and brings their
     /// counters' spend in line with the store's totals.
     async fn load(&self, token: &str) -> Result<Found, StoreError> {
-        // No flush in between the reads and the sync: the store's totals and the spend still
-        // queued must not overlap or leave a gap.
-        let _no_flush = self.flushing.lock().await;
+        let flushes = self.flushes.load(Ordering::SeqCst);
+        let changes = self.changes.load(Ordering::SeqCst);
         let found = match self.store.key_by_token(token).await? {
             None => Found::Refused("invalid API key"),
             Some(key) if key.deleted_at.is_some() => Found::Refused("this API key was deleted"),
@@ -315,11 +326,15 @@ impl Governance {
                 if team.as_ref().is_some_and(|t| t.blocked) {
                     Found::Refused("this API key's team is blocked")
                 } else {
-                    Found::Key(Arc::new(self.principal(key, team, user)))
+                    Found::Key(Arc::new(self.principal(key, team, user, flushes)))
                 }
             }
         };
         let mut cache = write(&self.cache);
+        if self.changes.load(Ordering::SeqCst) != changes {
+            // What was read may predate the change: serve it to this request only.
+            return Ok(found);
+        }
         if matches!(found, Found::Refused(_)) && cache.len() >= MAX_REFUSED_ENTRIES {
             cache.retain(|_, c| matches!(c.found, Found::Key(_)));
         }
@@ -338,21 +353,22 @@ impl Governance {
         key: KeyRecord,
         team: Option<store::TeamRecord>,
         user: Option<store::UserRecord>,
+        flushes: u64,
     ) -> Principal {
         let mut entities = vec![(
             key.policy.clone(),
-            self.state(Kind::Key, &key.id, &key.policy, key.spend),
+            self.state(Kind::Key, &key.id, &key.policy, key.spend, flushes),
         )];
         if let Some(team) = &team {
             entities.push((
                 team.policy.clone(),
-                self.state(Kind::Team, &team.team_id, &team.policy, team.spend),
+                self.state(Kind::Team, &team.team_id, &team.policy, team.spend, flushes),
             ));
         }
         if let Some(user) = &user {
             entities.push((
                 user.policy.clone(),
-                self.state(Kind::User, &user.user_id, &user.policy, user.spend),
+                self.state(Kind::User, &user.user_id, &user.policy, user.spend, flushes),
             ));
         }
         // A model must be allowed by every one of key, team and user that lists models.
@@ -383,13 +399,16 @@ impl Governance {
     }
 
     /// The live counters of an entity, their spend set from the store's total (every replica's
-    /// flushed spend) plus this process's spend not yet written. Call with no flush running.
+    /// flushed spend) plus this process's spend not yet written, unless a flush overlapped the
+    /// read of `stored` (`flushes` is the count from before it): then the two could overlap or
+    /// leave a gap, and the next load syncs instead.
     fn state(
         &self,
         kind: Kind,
         id: &str,
         policy: &Policy,
         stored: StoredSpend,
+        flushes: u64,
     ) -> Arc<EntityState> {
         let entity = EntityId::new(kind, id);
         let now_ms = period::now_ms();
@@ -397,7 +416,9 @@ impl Governance {
         let state = Arc::clone(lock(&self.states).entry(entity.clone()).or_insert_with(|| {
             Arc::new(EntityState::new(entity, stored.spend, stored.period_start))
         }));
-        state.sync_spend(policy, stored, unflushed, now_ms);
+        if flushes.is_multiple_of(2) && self.flushes.load(Ordering::SeqCst) == flushes {
+            state.sync_spend(policy, stored, unflushed, now_ms);
+        }
         state
     }
 
@@ -463,7 +484,7 @@ impl Governance {
                 })
                 .collect();
             // On an error Redis is marked down, and the call is decided as the next ones are.
-            if let Ok((verdict, held)) = shared.admit(&asks, tokens).await {
+            if let Ok((verdict, held)) = shared.admit(&call.id, &asks, tokens).await {
                 return self.decide_shared(call, governed, spends, shared, verdict, held);
             }
         }
@@ -493,7 +514,7 @@ impl Governance {
                     *spend = spend.max(standing.spend);
                 }
                 if let Some(refused) = self.over_budget(call, governed, &spends) {
-                    shared.release(held, Some(0));
+                    shared.settle(&[], Some(held), Some(0));
                     return Err(refused);
                 }
                 push_spend_headers(call, governed, &spends);
@@ -505,8 +526,8 @@ impl Governance {
                 {
                     push_standing(call, standing);
                 }
-                let mut admission = Admission::new();
-                admission.held = Some((Arc::clone(shared), held));
+                let admission = Admission::new();
+                *lock(&admission.held) = Some((Arc::clone(shared), held));
                 Ok(admission)
             }
             Verdict::OverBudget { index, spend } => {
@@ -617,10 +638,16 @@ impl Governance {
                         amount: call.cost,
                     });
                 }
-                if let Some(shared) = &self.shared {
-                    charging = shared.charge(&deltas);
-                }
             }
+        }
+        // The cost and what the call held in Redis go back in one round trip.
+        let held = call
+            .admission
+            .as_ref()
+            .and_then(|admission| lock(&admission.held).take());
+        if let Some(shared) = &self.shared {
+            let used_tokens = call.usage.map(|usage| usage.total_tokens);
+            charging = shared.settle(&deltas, held.map(|(_, held)| held), used_tokens);
         }
         let usage = call.usage.unwrap_or_default();
         let row = SpendRow {
@@ -662,10 +689,11 @@ impl Governance {
     /// Writes the spend queued so far; on failure it stays queued for the next try.
     pub async fn flush(&self) {
         let _one_at_a_time = self.flushing.lock().await;
-        let Pending { rows, deltas } = std::mem::take(&mut *lock(&self.pending));
-        if rows.is_empty() && deltas.is_empty() {
+        if lock(&self.pending).rows.is_empty() {
             return;
         }
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        let Pending { rows, deltas } = std::mem::take(&mut *lock(&self.pending));
         let deltas = merge(deltas);
         if let Err(e) = self.store.write_spend(&rows, &deltas).await {
             tracing::warn!(error = %e, rows = rows.len(), "cannot write spend; will retry");
@@ -675,6 +703,7 @@ impl Governance {
             let later_deltas = std::mem::replace(&mut pending.deltas, deltas);
             pending.deltas.extend(later_deltas);
         }
+        self.flushes.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Writes what is queued and closes the store: the last step of a graceful shutdown.

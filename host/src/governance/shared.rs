@@ -27,24 +27,25 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_millis(250);
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// A spend total without a budget period is kept this long after its last use, then re-seeded.
 const SPEND_IDLE_TTL_MS: i64 = 24 * 3_600_000;
-/// Calls in flight are counted per entity; if a replica dies with calls open, their slots come
-/// back this long after the entity's last call.
-const PARALLEL_TTL_MS: i64 = 600_000;
+/// Each call in flight holds a slot with a deadline: if its replica dies before giving it back, the
+/// slot frees itself this long after the call began.
+const SLOT_TTL_MS: i64 = 600_000;
 const PREFIX: &str = "portcullis";
 
 /// Checks every budget and limit of a call and takes what it needs only if all allow it.
 ///
-/// KEYS, four per entity: spend, request bucket, token bucket, calls in flight.
-/// ARGV: the call's tokens, how long a count of calls in flight outlives its last call, then six
-/// per entity: max budget, spend to start from if Redis has none, that total's time to live, rpm,
-/// tpm, parallel (empty: none).
+/// KEYS, four per entity: spend, request bucket, token bucket, slots of calls in flight (a sorted
+/// set of call ids by deadline).
+/// ARGV: the call's tokens, a slot's time to live, the call's id, then six per entity: max budget,
+/// spend to start from if Redis has none, that total's time to live, rpm, tpm, parallel (empty:
+/// none).
 const ADMIT: &str = r"
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local tokens = tonumber(ARGV[1])
 local n = #KEYS / 4
 local function arg(i, field)
-  local v = ARGV[3 + 6 * i + field]
+  local v = ARGV[4 + 6 * i + field]
   if v == '' then return false end
   return tonumber(v)
 end
@@ -60,15 +61,20 @@ local function wait(lvl, cap, amount)
   return math.ceil((need - lvl) * 60000 / cap)
 end
 local function show(x) if x then return tostring(x) end return '' end
+-- A bucket is kept until it would be full again (an overdraft included), and a minute more.
+local function until_full(lvl, cap)
+  if cap == 0 then return 120000 end
+  return math.ceil(math.max(0, cap - lvl) * 60000 / cap) + 60000
+end
 local spends, requests, toks = {}, {}, {}
 for i = 0, n - 1 do
   local key = KEYS[4 * i + 1]
   local spend = redis.call('GET', key)
   if not spend then
-    spend = ARGV[3 + 6 * i + 1]
+    spend = ARGV[4 + 6 * i + 1]
     redis.call('SET', key, spend)
   end
-  redis.call('PEXPIRE', key, ARGV[3 + 6 * i + 2])
+  redis.call('PEXPIRE', key, ARGV[4 + 6 * i + 2])
   spends[i + 1] = spend
   local max = arg(i, 0)
   if max and tonumber(spend) >= max then return {'budget', tostring(i), spend} end
@@ -78,8 +84,11 @@ for i = 0, n - 1 do
   requests[i + 1] = rpm and level(KEYS[4 * i + 2], rpm)
   toks[i + 1] = tpm and level(KEYS[4 * i + 3], tpm)
   local refused = false
-  if parallel and tonumber(redis.call('GET', KEYS[4 * i + 4]) or '0') >= parallel then
-    refused = {'parallel', parallel, 1000}
+  if parallel then
+    redis.call('ZREMRANGEBYSCORE', KEYS[4 * i + 4], '-inf', now)
+    if redis.call('ZCARD', KEYS[4 * i + 4]) >= parallel then
+      refused = {'parallel', parallel, 1000}
+    end
   end
   local w = rpm and wait(requests[i + 1], rpm, 1)
   if not refused and w then refused = {'requests', rpm, w} end
@@ -96,15 +105,15 @@ for i = 0, n - 1 do
   if rpm then
     requests[i + 1] = requests[i + 1] - 1
     redis.call('HSET', KEYS[4 * i + 2], 'level', tostring(requests[i + 1]), 'at', now)
-    redis.call('PEXPIRE', KEYS[4 * i + 2], 120000)
+    redis.call('PEXPIRE', KEYS[4 * i + 2], until_full(requests[i + 1], rpm))
   end
   if tpm then
     toks[i + 1] = toks[i + 1] - tokens
     redis.call('HSET', KEYS[4 * i + 3], 'level', tostring(toks[i + 1]), 'at', now)
-    redis.call('PEXPIRE', KEYS[4 * i + 3], 120000)
+    redis.call('PEXPIRE', KEYS[4 * i + 3], until_full(toks[i + 1], tpm))
   end
   if parallel then
-    redis.call('INCR', KEYS[4 * i + 4])
+    redis.call('ZADD', KEYS[4 * i + 4], now + tonumber(ARGV[2]), ARGV[3])
     redis.call('PEXPIRE', KEYS[4 * i + 4], ARGV[2])
   end
   out[#out + 1] = spends[i + 1]
@@ -114,23 +123,20 @@ end
 return out
 ";
 
-/// Adds spend to totals that exist; a missing one is seeded later from the local counters, which
-/// already hold it.
-const CHARGE: &str = r"
+/// What a finished call gives back, one operation per key, named by ARGV's first letter:
+/// `s` adds spend to a total (a missing one is seeded later from the local counters, which
+/// already hold it), `t` gives tokens back to a bucket, `z` frees the call's slot.
+const SETTLE: &str = r"
 for i, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 1 then redis.call('INCRBYFLOAT', key, ARGV[i]) end
-end
-return 0
-";
-
-/// After a call: KEYS token buckets with ARGV tokens to give back, then calls in flight to end
-/// (ARGV '-').
-const RELEASE: &str = r"
-for i, key in ipairs(KEYS) do
-  if ARGV[i] == '-' then
-    if redis.call('DECR', key) < 0 then redis.call('SET', key, 0) end
+  local op, value = string.sub(ARGV[i], 1, 1), string.sub(ARGV[i], 2)
+  if op == 'z' then
+    redis.call('ZREM', key, value)
   elseif redis.call('EXISTS', key) == 1 then
-    redis.call('HINCRBYFLOAT', key, 'level', ARGV[i])
+    if op == 's' then
+      redis.call('INCRBYFLOAT', key, value)
+    elseif op == 't' then
+      redis.call('HINCRBYFLOAT', key, 'level', value)
+    end
   end
 end
 return 0
@@ -143,11 +149,45 @@ pub struct Shared {
     fail_closed: bool,
     up: AtomicBool,
     health: Mutex<Health>,
-    /// Spend charged while Redis was down, per total, added when it is back.
-    owed: Mutex<HashMap<String, f64>>,
+    /// What calls gave back while Redis was down, given to it when it is back.
+    owed: Mutex<Owed>,
     admit: Script,
-    charge: Script,
-    release: Script,
+    settle: Script,
+}
+
+#[derive(Debug, Default)]
+struct Owed {
+    /// Spend per total.
+    spend: HashMap<String, f64>,
+    /// Slots of calls that ended meanwhile, by key and call id.
+    slots: Vec<(String, String)>,
+}
+
+impl Owed {
+    fn add(&mut self, ops: Vec<(String, String)>) {
+        for (key, op) in ops {
+            match op.split_at(1) {
+                ("s", amount) => {
+                    *self.spend.entry(key).or_default() += amount.parse::<f64>().unwrap_or(0.0)
+                }
+                ("z", member) => self.slots.push((key, member.to_owned())),
+                // A bucket's correction is worth less than the minute it would apply to.
+                _ => {}
+            }
+        }
+    }
+
+    fn take(&mut self) -> Vec<(String, String)> {
+        let spend = self
+            .spend
+            .drain()
+            .map(|(key, amount)| (key, format!("s{amount}")));
+        let slots = self
+            .slots
+            .drain(..)
+            .map(|(key, member)| (key, format!("z{member}")));
+        spend.chain(slots).collect()
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -199,8 +239,9 @@ pub struct Standing {
 /// What an admitted call holds in Redis, given back when it ends.
 #[derive(Debug, Default)]
 pub struct Held {
+    call_id: String,
     token_buckets: Vec<(String, u64)>,
-    in_flight: Vec<String>,
+    slots: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +250,8 @@ pub enum SharedError {
     Redis(#[from] redis::RedisError),
     #[error("redis answered an admission with {0:?}")]
     Malformed(Vec<String>),
+    #[error("redis did not answer within {RESPONSE_TIMEOUT:?}")]
+    Timeout,
 }
 
 impl Shared {
@@ -230,12 +273,16 @@ impl Shared {
                 since: period::now_ms(),
                 last_error: Some("not connected yet".into()),
             }),
-            owed: Mutex::new(HashMap::new()),
+            owed: Mutex::new(Owed::default()),
             admit: Script::new(ADMIT),
-            charge: Script::new(CHARGE),
-            release: Script::new(RELEASE),
+            settle: Script::new(SETTLE),
         });
         if let Err(e) = shared.probe().await {
+            if fail_closed {
+                tracing::error!(error = %e, "redis unreachable at start: calls with budgets or limits get 503 (fail_closed) until it answers");
+            } else {
+                tracing::warn!(error = %e, "redis unreachable at start: counting on this replica alone until it answers");
+            }
             shared.mark_down(&e);
         }
         let weak = Arc::downgrade(&shared);
@@ -271,7 +318,7 @@ impl Shared {
             "since": period::iso(health.since),
             "last_error": health.last_error,
             "counters": if self.is_up() { "shared" } else if self.fail_closed { "refusing" } else { "local" },
-            "owed_spend_totals": lock(&self.owed).len(),
+            "owed_spend_totals": lock(&self.owed).spend.len(),
         })
     }
 
@@ -279,21 +326,29 @@ impl Shared {
     async fn probe(&self) -> Result<(), SharedError> {
         let mut connection = self.connection.clone();
         let _: String = redis::cmd("PING").query_async(&mut connection).await?;
-        let owed: Vec<(String, f64)> = lock(&self.owed).drain().collect();
-        if !owed.is_empty() {
-            if let Err(e) = self.add_spend(&owed).await {
-                self.owe(owed);
+        loop {
+            let owed = {
+                let mut owed = lock(&self.owed);
+                let ops = owed.take();
+                if ops.is_empty() {
+                    // Under the lock: a call settling now either sees Redis up or is owed and
+                    // paid by this loop, never left behind.
+                    if !self.up.swap(true, Ordering::AcqRel) {
+                        *lock(&self.health) = Health {
+                            since: period::now_ms(),
+                            last_error: None,
+                        };
+                        tracing::info!("redis reachable: replicas share counters");
+                    }
+                    return Ok(());
+                }
+                ops
+            };
+            if let Err(e) = self.run_settle(&owed).await {
+                lock(&self.owed).add(owed);
                 return Err(e);
             }
         }
-        if !self.up.swap(true, Ordering::AcqRel) {
-            *lock(&self.health) = Health {
-                since: period::now_ms(),
-                last_error: None,
-            };
-            tracing::info!("redis reachable: replicas share counters again");
-        }
-        Ok(())
     }
 
     fn mark_down(&self, error: &SharedError) {
@@ -311,11 +366,19 @@ impl Shared {
     }
 
     /// Asks Redis to admit a call; `Err` means Redis is down (and is now marked so).
-    pub async fn admit(&self, asks: &[Ask<'_>], tokens: u64) -> Result<(Verdict, Held), ()> {
+    pub async fn admit(
+        &self,
+        call_id: &str,
+        asks: &[Ask<'_>],
+        tokens: u64,
+    ) -> Result<(Verdict, Held), ()> {
         let now_ms = period::now_ms();
         let mut invocation = self.admit.prepare_invoke();
-        invocation.arg(tokens).arg(PARALLEL_TTL_MS);
-        let mut held = Held::default();
+        invocation.arg(tokens).arg(SLOT_TTL_MS).arg(call_id);
+        let mut held = Held {
+            call_id: call_id.to_owned(),
+            ..Held::default()
+        };
         for ask in asks {
             let name = entity_key(ask.entity);
             let period_start = ask.policy.period_start(now_ms);
@@ -323,7 +386,7 @@ impl Shared {
                 .key(spend_key(ask.entity, period_start))
                 .key(format!("{PREFIX}:rpm:{name}"))
                 .key(format!("{PREFIX}:tpm:{name}"))
-                .key(format!("{PREFIX}:parallel:{name}"));
+                .key(format!("{PREFIX}:slots:{name}"));
             let ttl = ask
                 .policy
                 .reset_at(now_ms)
@@ -340,14 +403,24 @@ impl Shared {
                     .push((format!("{PREFIX}:tpm:{name}"), tokens));
             }
             if ask.policy.max_parallel_requests.is_some() {
-                held.in_flight.push(format!("{PREFIX}:parallel:{name}"));
+                held.slots.push(format!("{PREFIX}:slots:{name}"));
             }
         }
         let mut connection = self.connection.clone();
-        let answer: Vec<String> = match invocation.invoke_async(&mut connection).await {
-            Ok(answer) => answer,
-            Err(e) => {
+        // The bound covers reconnecting too, which the connection's own timeouts do not.
+        let answer = tokio::time::timeout(
+            RESPONSE_TIMEOUT,
+            invocation.invoke_async::<Vec<String>>(&mut connection),
+        )
+        .await;
+        let answer = match answer {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
                 self.mark_down(&e.into());
+                return Err(());
+            }
+            Err(_) => {
+                self.mark_down(&SharedError::Timeout);
                 return Err(());
             }
         };
@@ -365,70 +438,73 @@ impl Shared {
         }
     }
 
-    /// Adds a finished call's cost to the shared totals in a task of its own; a caller that can
-    /// wait for it to land awaits the handle.
-    pub fn charge(self: &Arc<Self>, deltas: &[SpendDelta]) -> Option<JoinHandle<()>> {
-        let totals: Vec<(String, f64)> = deltas
+    /// Adds a finished call's cost to the shared totals and gives back what it held (its unused
+    /// tokens, with `used_tokens`, and its slots), in one round trip in a task of its own; a
+    /// caller that can wait for it to land awaits the handle.
+    pub fn settle(
+        self: &Arc<Self>,
+        deltas: &[SpendDelta],
+        held: Option<Held>,
+        used_tokens: Option<u64>,
+    ) -> Option<JoinHandle<()>> {
+        let mut ops: Vec<(String, String)> = deltas
             .iter()
-            .map(|d| (spend_key(&d.entity, d.period_start), d.amount))
+            .map(|d| {
+                (
+                    spend_key(&d.entity, d.period_start),
+                    format!("s{}", d.amount),
+                )
+            })
             .collect();
-        if !self.is_up() {
-            self.owe(totals);
+        if let Some(held) = held {
+            if let Some(used) = used_tokens {
+                for (key, reserved) in held.token_buckets {
+                    ops.push((key, format!("t{}", reserved as f64 - used as f64)));
+                }
+            }
+            for key in held.slots {
+                ops.push((key, format!("z{}", held.call_id)));
+            }
+        }
+        if ops.is_empty() {
             return None;
+        }
+        {
+            // Checked under the lock the probe flips it under (see `probe`).
+            let mut owed = lock(&self.owed);
+            if !self.is_up() {
+                owed.add(ops);
+                return None;
+            }
         }
         let shared = Arc::clone(self);
         spawn(async move {
-            if let Err(e) = shared.add_spend(&totals).await {
+            if let Err(e) = shared.run_settle(&ops).await {
                 shared.mark_down(&e);
-                shared.owe(totals);
+                lock(&shared.owed).add(ops);
             }
         })
     }
 
-    async fn add_spend(&self, totals: &[(String, f64)]) -> Result<(), SharedError> {
-        let mut invocation = self.charge.prepare_invoke();
-        for (key, cost) in totals {
-            invocation.key(key).arg(cost.to_string());
+    async fn run_settle(&self, ops: &[(String, String)]) -> Result<(), SharedError> {
+        let mut invocation = self.settle.prepare_invoke();
+        for (key, op) in ops {
+            invocation.key(key).arg(op);
         }
         let mut connection = self.connection.clone();
-        let _: i64 = invocation.invoke_async(&mut connection).await?;
-        Ok(())
-    }
-
-    fn owe(&self, totals: Vec<(String, f64)>) {
-        let mut owed = lock(&self.owed);
-        for (key, cost) in totals {
-            *owed.entry(key).or_default() += cost;
+        let settled = invocation.invoke_async::<i64>(&mut connection);
+        match tokio::time::timeout(RESPONSE_TIMEOUT, settled).await {
+            Ok(result) => result.map(drop).map_err(SharedError::from),
+            Err(_) => Err(SharedError::Timeout),
         }
-    }
-
-    /// Gives back a finished call's unused tokens and its parallel slots.
-    pub fn release(self: &Arc<Self>, held: Held, used_tokens: Option<u64>) {
-        if held.token_buckets.is_empty() && held.in_flight.is_empty() {
-            return;
-        }
-        let shared = Arc::clone(self);
-        spawn(async move {
-            let mut invocation = shared.release.prepare_invoke();
-            if let Some(used) = used_tokens {
-                for (key, reserved) in &held.token_buckets {
-                    invocation
-                        .key(key)
-                        .arg((*reserved as f64 - used as f64).to_string());
-                }
-            }
-            for key in &held.in_flight {
-                invocation.key(key).arg("-");
-            }
-            let mut connection = shared.connection.clone();
-            if let Err(e) = invocation.invoke_async::<i64>(&mut connection).await {
-                shared.mark_down(&e.into());
-            }
-        });
     }
 
     /// Tells the other replicas of a change; they hear it through [`Shared::watch`].
     pub async fn publish(&self, channel: &str, message: &str) {
+        if !self.is_up() {
+            // Replicas that miss it drop their caches when their subscription comes back.
+            return;
+        }
         let mut connection = self.connection.clone();
         if let Err(e) = connection.publish::<_, _, i64>(channel, message).await {
             tracing::warn!(error = %e, "cannot announce a change through redis");
@@ -444,21 +520,31 @@ impl Shared {
         heard: impl Fn(Option<&str>),
     ) {
         use futures_util::StreamExt;
+        let mut lost = false;
         while alive() {
-            match self.client.get_async_pubsub().await {
+            let subscribed = match self.client.get_async_pubsub().await {
+                Ok(mut pubsub) => match pubsub.subscribe(channel).await {
+                    Ok(()) => Ok(pubsub),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
+            match subscribed {
                 Ok(mut pubsub) => {
-                    if pubsub.subscribe(channel).await.is_ok() {
-                        let mut messages = pubsub.on_message();
-                        while let Some(message) = messages.next().await {
-                            if let Ok(text) = message.get_payload::<String>() {
-                                heard(Some(&text));
-                            }
+                    // Only now: a change made before this subscription is in the store already.
+                    if lost {
+                        heard(None);
+                    }
+                    let mut messages = pubsub.on_message();
+                    while let Some(message) = messages.next().await {
+                        if let Ok(text) = message.get_payload::<String>() {
+                            heard(Some(&text));
                         }
                     }
-                    heard(None);
                 }
                 Err(e) => tracing::debug!(error = %e, "cannot subscribe to redis"),
             }
+            lost = true;
             tokio::time::sleep(PROBE_EVERY).await;
         }
     }
