@@ -1050,3 +1050,5 @@ def test_admin_status_reports_the_store(admin):
     expected = "postgres" if os.environ.get("PORTCULLIS_TEST_DATABASE_URL") else "sqlite"
     assert store["database"] == expected
     assert store["pending_spend_rows"] >= 0 and store["cached_keys"] >= 0
+    assert store["dropped_spend_rows"] == 0
+    assert store["redis"] is None  # not configured here; test_replicas.py covers it

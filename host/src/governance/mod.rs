@@ -39,6 +39,8 @@ use store::{KeyRecord, Policy, SpendDelta, SpendRow, Store, StoreError, StoredSp
 /// How long a resolved key is served before it is re-read in the background, in case a change
 /// made elsewhere did not reach this process.
 const CACHE_TTL: Duration = Duration::from_secs(30);
+/// Spend log rows queued for an unreachable store at most (a few hundred bytes each).
+const MAX_PENDING_ROWS: usize = 200_000;
 /// Keys that do not exist are remembered too (so guessing costs no query), but not without bound.
 const MAX_REFUSED_ENTRIES: usize = 100_000;
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
@@ -90,6 +92,32 @@ enum Found {
 struct Pending {
     rows: Vec<SpendRow>,
     deltas: Vec<SpendDelta>,
+    /// Spend log rows given up while the store was unreachable, since start.
+    dropped_rows: u64,
+}
+
+impl Pending {
+    /// Keeps the queue bounded while the store is unreachable: the oldest spend log rows go
+    /// first, and the totals' deltas are merged (one per entity and period), so the totals
+    /// stay exact however long the outage lasts.
+    fn bound(&mut self, max_rows: usize) {
+        if self.rows.len() > max_rows {
+            let excess = self.rows.len() - max_rows;
+            self.rows.drain(..excess);
+            let before = self.dropped_rows;
+            self.dropped_rows += excess as u64;
+            // Now and then, not once per row.
+            if (before + 1..=self.dropped_rows).any(u64::is_power_of_two) {
+                tracing::error!(
+                    dropped = self.dropped_rows,
+                    "spend log rows dropped: the store has been unreachable too long to queue them all"
+                );
+            }
+        }
+        if self.deltas.len() > max_rows {
+            self.deltas = merge(std::mem::take(&mut self.deltas));
+        }
+    }
 }
 
 /// What a stored key brings to a call: its expiry and, key first, the policies and counters of the
@@ -253,6 +281,7 @@ impl Governance {
             "database": self.store.engine(),
             "cached_keys": read(&self.cache).len(),
             "pending_spend_rows": lock(&self.pending).rows.len(),
+            "dropped_spend_rows": lock(&self.pending).dropped_rows,
             "redis": self.shared.as_ref().map(|shared| shared.status()),
         })
     }
@@ -683,6 +712,7 @@ impl Governance {
         let mut pending = lock(&self.pending);
         pending.rows.push(row);
         pending.deltas.extend(deltas);
+        pending.bound(MAX_PENDING_ROWS);
         charging
     }
 
@@ -693,7 +723,13 @@ impl Governance {
             return;
         }
         self.flushes.fetch_add(1, Ordering::SeqCst);
-        let Pending { rows, deltas } = std::mem::take(&mut *lock(&self.pending));
+        let (rows, deltas) = {
+            let mut pending = lock(&self.pending);
+            (
+                std::mem::take(&mut pending.rows),
+                std::mem::take(&mut pending.deltas),
+            )
+        };
         let deltas = merge(deltas);
         if let Err(e) = self.store.write_spend(&rows, &deltas).await {
             tracing::warn!(error = %e, rows = rows.len(), "cannot write spend; will retry");
@@ -702,6 +738,7 @@ impl Governance {
             pending.rows.extend(later_rows);
             let later_deltas = std::mem::replace(&mut pending.deltas, deltas);
             pending.deltas.extend(later_deltas);
+            pending.bound(MAX_PENDING_ROWS);
         }
         self.flushes.fetch_add(1, Ordering::SeqCst);
     }
@@ -818,6 +855,30 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unwritable_queue_drops_the_oldest_rows_and_keeps_the_totals() {
+        let key = EntityId::new(Kind::Key, "k");
+        let mut pending = Pending::default();
+        for i in 0..10 {
+            pending.rows.push(SpendRow {
+                request_id: format!("call-{i}"),
+                ..SpendRow::default()
+            });
+            pending.deltas.push(SpendDelta {
+                entity: key.clone(),
+                period_start: 0,
+                amount: 0.5,
+            });
+            pending.bound(4);
+        }
+        let kept: Vec<&str> = pending.rows.iter().map(|r| r.request_id.as_str()).collect();
+        assert_eq!(kept, ["call-6", "call-7", "call-8", "call-9"]);
+        assert_eq!(pending.dropped_rows, 6);
+        let total: f64 = pending.deltas.iter().map(|d| d.amount).sum();
+        assert_eq!(total, 5.0);
+        assert!(pending.deltas.len() <= 4);
+    }
 
     #[test]
     fn deltas_merge_per_entity_and_period() {

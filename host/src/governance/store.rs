@@ -130,7 +130,7 @@ pub struct UserRecord {
 }
 
 /// One call, as `/spend/logs` lists it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SpendRow {
     pub request_id: String,
     pub api_key: String,
