@@ -543,7 +543,7 @@ impl Governance {
                     *spend = spend.max(standing.spend);
                 }
                 if let Some(refused) = self.over_budget(call, governed, &spends) {
-                    shared.settle(&[], Some(held), Some(0));
+                    shared.undo(held);
                     return Err(refused);
                 }
                 push_spend_headers(call, governed, &spends);

@@ -241,6 +241,9 @@ pub struct Standing {
 pub struct Held {
     call_id: String,
     token_buckets: Vec<(String, u64)>,
+    /// Request buckets, given their request back only if the call is refused after all.
+    request_buckets: Vec<String>,
+    refused: bool,
     slots: Vec<String>,
 }
 
@@ -405,6 +408,9 @@ impl Shared {
             if ask.policy.max_parallel_requests.is_some() {
                 held.slots.push(format!("{PREFIX}:slots:{name}"));
             }
+            if ask.policy.rpm_limit.is_some() {
+                held.request_buckets.push(format!("{PREFIX}:rpm:{name}"));
+            }
         }
         let mut connection = self.connection.clone();
         // The bound covers reconnecting too, which the connection's own timeouts do not.
@@ -457,6 +463,11 @@ impl Shared {
             })
             .collect();
         if let Some(held) = held {
+            if held.refused {
+                for key in held.request_buckets {
+                    ops.push((key, "t1".to_owned()));
+                }
+            }
             if let Some(used) = used_tokens {
                 for (key, reserved) in held.token_buckets {
                     ops.push((key, format!("t{}", reserved as f64 - used as f64)));
@@ -484,6 +495,12 @@ impl Shared {
                 lock(&shared.owed).add(ops);
             }
         })
+    }
+
+    /// Gives back everything an admission took, for a call refused after Redis admitted it.
+    pub fn undo(self: &Arc<Self>, mut held: Held) {
+        held.refused = true;
+        self.settle(&[], Some(held), Some(0));
     }
 
     async fn run_settle(&self, ops: &[(String, String)]) -> Result<(), SharedError> {
