@@ -134,16 +134,9 @@ fn candidates() -> Vec<Candidate> {
         .iter()
         .enumerate()
         .map(|(i, id)| Candidate {
-            id: (*id).into(),
-            weight: 1,
             in_flight: i as u32,
             latency_ms: Some(100.0 + i as f64),
-            rpm_used: 0,
-            tpm_used: 0,
-            rpm_limit: None,
-            tpm_limit: None,
-            input_cost_per_token: 0.0,
-            output_cost_per_token: 0.0,
+            ..Candidate::new(*id)
         })
         .collect()
 }

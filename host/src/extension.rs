@@ -21,6 +21,24 @@ pub struct Candidate {
     pub output_cost_per_token: f64,
 }
 
+impl Candidate {
+    /// An idle deployment of weight 1 with no limits, no prices and no latency yet.
+    pub fn new(id: impl Into<String>) -> Candidate {
+        Candidate {
+            id: id.into(),
+            weight: 1,
+            in_flight: 0,
+            latency_ms: None,
+            rpm_used: 0,
+            tpm_used: 0,
+            rpm_limit: None,
+            tpm_limit: None,
+            input_cost_per_token: 0.0,
+            output_cost_per_token: 0.0,
+        }
+    }
+}
+
 /// What a strategy may know about the call it routes.
 #[derive(Debug, Clone, Copy)]
 pub struct RouteRequest<'a> {

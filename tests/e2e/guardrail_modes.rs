@@ -36,6 +36,13 @@ plugins:
     )
 }
 
+/// The mock upstream and a gateway on [`config`] with `settings`.
+async fn pii_gateway(settings: &str) -> (MockUpstream, support::Gateway) {
+    let upstream = MockUpstream::start().await;
+    let gateway = start(&config(settings), &upstream).await;
+    (upstream, gateway)
+}
+
 fn url(gateway: &support::Gateway) -> String {
     format!("{}/v1/chat/completions", gateway.url())
 }
@@ -63,8 +70,7 @@ fn stream_of(pieces: &[&str]) -> Fault {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_call_masks_a_whole_response_and_leaves_the_request_alone() {
-    let upstream = MockUpstream::start().await;
-    let gateway = start(&config("mode: post_call"), &upstream).await;
+    let (upstream, gateway) = pii_gateway("mode: post_call").await;
     let response = client::post_json(
         &url(&gateway),
         MASTER,
@@ -86,12 +92,7 @@ async fn post_call_masks_a_whole_response_and_leaves_the_request_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_call_in_block_mode_refuses_a_response_with_personal_data() {
-    let upstream = MockUpstream::start().await;
-    let gateway = start(
-        &config("mode: post_call, config: { action: block }"),
-        &upstream,
-    )
-    .await;
+    let (_upstream, gateway) = pii_gateway("mode: post_call, config: { action: block }").await;
     let response = client::post_json(
         &url(&gateway),
         MASTER,
@@ -111,8 +112,7 @@ async fn post_call_in_block_mode_refuses_a_response_with_personal_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_has_an_address_split_across_chunks_masked() {
-    let upstream = MockUpstream::start().await;
-    let gateway = start(&config("mode: post_call"), &upstream).await;
+    let (upstream, gateway) = pii_gateway("mode: post_call").await;
     upstream.push_fault(stream_of(&[
         "Write to jane.d",
         "oe@exam",
@@ -133,12 +133,7 @@ async fn a_stream_has_an_address_split_across_chunks_masked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_guardrail_blocks_mid_stream_with_an_error_event() {
-    let upstream = MockUpstream::start().await;
-    let gateway = start(
-        &config("mode: post_call, config: { action: block }"),
-        &upstream,
-    )
-    .await;
+    let (upstream, gateway) = pii_gateway("mode: post_call, config: { action: block }").await;
     upstream.push_fault(stream_of(&[
         "Hello there,\n",
         "it is jane.doe@example.com",
@@ -160,8 +155,7 @@ async fn a_stream_guardrail_blocks_mid_stream_with_an_error_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_echo_streams_through_the_guardrail_word_by_word() {
-    let upstream = MockUpstream::start().await;
-    let gateway = start(&config("mode: post_call"), &upstream).await;
+    let (_upstream, gateway) = pii_gateway("mode: post_call").await;
     let text = format!("reach {EMAIL} today, thanks");
     let response = client::stream_sse(&url(&gateway), MASTER, &chat_stream("echo", &text)).await;
     assert!(response.done(), "{}", response.raw);
@@ -208,8 +202,7 @@ async fn during_call_block_cancels_an_upstream_call_that_would_never_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn during_call_allows_what_it_finds_clean_and_never_rewrites() {
-    let upstream = MockUpstream::start().await;
-    let gateway = start(&config("mode: during_call"), &upstream).await;
+    let (upstream, gateway) = pii_gateway("mode: during_call").await;
     let response =
         client::post_json(&url(&gateway), MASTER, &chat("gpt", "nothing personal")).await;
     assert_eq!(response.status, 200, "{}", response.text());
@@ -231,12 +224,8 @@ async fn during_call_allows_what_it_finds_clean_and_never_rewrites() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_monitor_guardrail_logs_its_verdict_and_changes_nothing() {
-    let upstream = MockUpstream::start().await;
-    let gateway = start(
-        &config("mode: post_call, monitor: true, config: { action: block }"),
-        &upstream,
-    )
-    .await;
+    let (_upstream, gateway) =
+        pii_gateway("mode: post_call, monitor: true, config: { action: block }").await;
     let text = format!("mail {EMAIL}");
     let whole = client::post_json(&url(&gateway), MASTER, &chat("echo", &text)).await;
     assert_eq!(whole.status, 200, "{}", whole.text());

@@ -132,18 +132,7 @@ mod tests {
     use super::*;
 
     fn candidate(id: &str) -> Candidate {
-        Candidate {
-            id: id.into(),
-            weight: 1,
-            in_flight: 0,
-            latency_ms: None,
-            rpm_used: 0,
-            tpm_used: 0,
-            rpm_limit: None,
-            tpm_limit: None,
-            input_cost_per_token: 0.0,
-            output_cost_per_token: 0.0,
-        }
+        Candidate::new(id)
     }
 
     const REQUEST: RouteRequest<'static> = RouteRequest {
