@@ -538,13 +538,10 @@ impl Governance {
         held: Held,
     ) -> Result<Admission, GatewayError> {
         match verdict {
+            // Redis checked the budgets against its spend, and `admit` against the local one.
             Verdict::Admitted(standings) => {
                 for (spend, standing) in spends.iter_mut().zip(&standings) {
                     *spend = spend.max(standing.spend);
-                }
-                if let Some(refused) = self.over_budget(call, governed, &spends) {
-                    shared.undo(held);
-                    return Err(refused);
                 }
                 push_spend_headers(call, governed, &spends);
                 if let Some((_, standing)) = governed
@@ -562,9 +559,7 @@ impl Governance {
             Verdict::OverBudget { index, spend } => {
                 spends[index] = spends[index].max(spend);
                 push_spend_headers(call, governed, &spends);
-                Err(self
-                    .over_budget(call, governed, &spends)
-                    .unwrap_or_else(|| self.budget_error(&governed.entities[index], spend)))
+                Err(self.budget_error(&governed.entities[index], spends[index]))
             }
             Verdict::Limited {
                 index,
@@ -654,7 +649,6 @@ impl Governance {
         let Some(principal) = &call.principal else {
             return None;
         };
-        let mut charging = None;
         let now_ms = period::now_ms();
         let mut deltas = Vec::new();
         if let Some(governed) = &principal.governed {
@@ -674,10 +668,11 @@ impl Governance {
             .admission
             .as_ref()
             .and_then(|admission| lock(&admission.held).take());
-        if let Some(shared) = &self.shared {
-            let used_tokens = call.usage.map(|usage| usage.total_tokens);
-            charging = shared.settle(&deltas, held.map(|(_, held)| held), used_tokens);
-        }
+        let used_tokens = call.usage.map(|usage| usage.total_tokens);
+        let charging = self
+            .shared
+            .as_ref()
+            .and_then(|shared| shared.settle(&deltas, held.map(|(_, held)| held), used_tokens));
         let usage = call.usage.unwrap_or_default();
         let row = SpendRow {
             request_id: call.id.clone(),
@@ -762,11 +757,9 @@ const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-toke
 const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
 const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 
-/// `x-portcullis-key-spend` (the key is the first entity) and its `-max-budget`.
+/// `x-portcullis-key-spend` (the key is the first entity) and its `-max-budget`; once per call,
+/// by whichever step decides it.
 fn push_spend_headers(call: &mut Call, governed: &Governed, spends: &[f64]) {
-    if call.key_headers.iter().any(|(name, _)| *name == KEY_SPEND) {
-        return;
-    }
     if let (Some((policy, _)), Some(spend)) = (governed.entities.first(), spends.first()) {
         call.key_headers.push((KEY_SPEND, number(*spend)));
         if let Some(max) = policy.max_budget {

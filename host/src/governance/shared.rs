@@ -241,9 +241,6 @@ pub struct Standing {
 pub struct Held {
     call_id: String,
     token_buckets: Vec<(String, u64)>,
-    /// Request buckets, given their request back only if the call is refused after all.
-    request_buckets: Vec<String>,
-    refused: bool,
     slots: Vec<String>,
 }
 
@@ -385,11 +382,13 @@ impl Shared {
         for ask in asks {
             let name = entity_key(ask.entity);
             let period_start = ask.policy.period_start(now_ms);
+            let tokens_key = format!("{PREFIX}:tpm:{name}");
+            let slots_key = format!("{PREFIX}:slots:{name}");
             invocation
                 .key(spend_key(ask.entity, period_start))
                 .key(format!("{PREFIX}:rpm:{name}"))
-                .key(format!("{PREFIX}:tpm:{name}"))
-                .key(format!("{PREFIX}:slots:{name}"));
+                .key(&tokens_key)
+                .key(&slots_key);
             let ttl = ask
                 .policy
                 .reset_at(now_ms)
@@ -402,31 +401,17 @@ impl Shared {
                 .arg(optional(ask.policy.tpm_limit))
                 .arg(optional(ask.policy.max_parallel_requests));
             if ask.policy.tpm_limit.is_some() {
-                held.token_buckets
-                    .push((format!("{PREFIX}:tpm:{name}"), tokens));
+                held.token_buckets.push((tokens_key, tokens));
             }
             if ask.policy.max_parallel_requests.is_some() {
-                held.slots.push(format!("{PREFIX}:slots:{name}"));
-            }
-            if ask.policy.rpm_limit.is_some() {
-                held.request_buckets.push(format!("{PREFIX}:rpm:{name}"));
+                held.slots.push(slots_key);
             }
         }
         let mut connection = self.connection.clone();
-        // The bound covers reconnecting too, which the connection's own timeouts do not.
-        let answer = tokio::time::timeout(
-            RESPONSE_TIMEOUT,
-            invocation.invoke_async::<Vec<String>>(&mut connection),
-        )
-        .await;
-        let answer = match answer {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => {
-                self.mark_down(&e.into());
-                return Err(());
-            }
-            Err(_) => {
-                self.mark_down(&SharedError::Timeout);
+        let answer = match within(invocation.invoke_async::<Vec<String>>(&mut connection)).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                self.mark_down(&e);
                 return Err(());
             }
         };
@@ -463,11 +448,6 @@ impl Shared {
             })
             .collect();
         if let Some(held) = held {
-            if held.refused {
-                for key in held.request_buckets {
-                    ops.push((key, "t1".to_owned()));
-                }
-            }
             if let Some(used) = used_tokens {
                 for (key, reserved) in held.token_buckets {
                     ops.push((key, format!("t{}", reserved as f64 - used as f64)));
@@ -497,23 +477,15 @@ impl Shared {
         })
     }
 
-    /// Gives back everything an admission took, for a call refused after Redis admitted it.
-    pub fn undo(self: &Arc<Self>, mut held: Held) {
-        held.refused = true;
-        self.settle(&[], Some(held), Some(0));
-    }
-
     async fn run_settle(&self, ops: &[(String, String)]) -> Result<(), SharedError> {
         let mut invocation = self.settle.prepare_invoke();
         for (key, op) in ops {
             invocation.key(key).arg(op);
         }
         let mut connection = self.connection.clone();
-        let settled = invocation.invoke_async::<i64>(&mut connection);
-        match tokio::time::timeout(RESPONSE_TIMEOUT, settled).await {
-            Ok(result) => result.map(drop).map_err(SharedError::from),
-            Err(_) => Err(SharedError::Timeout),
-        }
+        within(invocation.invoke_async::<i64>(&mut connection))
+            .await
+            .map(drop)
     }
 
     /// Tells the other replicas of a change; they hear it through [`Shared::watch`].
@@ -627,6 +599,17 @@ fn parse_verdict(asks: &[Ask<'_>], answer: Vec<String>) -> Result<Verdict, Share
             })
         }
         _ => Err(malformed()),
+    }
+}
+
+/// A Redis call bounded by [`RESPONSE_TIMEOUT`], reconnecting included, which the connection's
+/// own timeouts do not cover.
+async fn within<T>(
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, SharedError> {
+    match tokio::time::timeout(RESPONSE_TIMEOUT, call).await {
+        Ok(result) => result.map_err(SharedError::from),
+        Err(_) => Err(SharedError::Timeout),
     }
 }
 
