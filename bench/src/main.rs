@@ -16,6 +16,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+// The gateway's allocator: the floor must pay what any proxy built like Portcullis pays, no more.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "portcullis-bench", about = "Benchmarks for Portcullis")]
 struct Cli {
@@ -55,6 +59,21 @@ enum Command {
         /// Where peers are installed: a throw-away directory.
         #[arg(long, default_value = "target/bench-peers")]
         peer_dir: PathBuf,
+    },
+    /// Instructions per request under callgrind alone, for some servers; prints each dump's path
+    /// for `callgrind_annotate`.
+    Instructions {
+        /// Servers to count: floor, portcullis, noop-pooled, noop-fresh, plugins-1, plugins-3,
+        /// plugins-5, plugins-5-fresh (all when none are named).
+        servers: Vec<String>,
+        #[arg(long, default_value_t = 2000)]
+        requests: u64,
+        #[arg(long, default_value = "target/release/portcullis")]
+        gateway: PathBuf,
+        #[arg(long, default_value = "target/wasm32-wasip2/release")]
+        plugins: PathBuf,
+        #[arg(long, default_value = "target/bench-work")]
+        work: PathBuf,
     },
     /// Serve the mock upstream until interrupted.
     Mock {
@@ -134,6 +153,28 @@ fn main() -> anyhow::Result<()> {
                     names: peers,
                 }),
             })
+        }
+        Command::Instructions {
+            servers,
+            requests,
+            gateway,
+            plugins,
+            work,
+        } => {
+            let bench = std::env::current_exe().context("cannot find this binary")?;
+            let options = runner::Options {
+                gateway,
+                bench,
+                plugins,
+                out: PathBuf::from("bench/results"),
+                work,
+                repeats: 1,
+                quick: false,
+                callgrind: true,
+                soak: Duration::ZERO,
+                peers: None,
+            };
+            runner::instructions(options, &servers, requests.max(1))
         }
         Command::Mock {
             listen,

@@ -10,6 +10,11 @@ use clap::{Parser, Subcommand};
 use portcullis::config::Config;
 use tracing_subscriber::EnvFilter;
 
+// A request allocates and frees a few hundred small objects (JSON values, headers, futures);
+// mimalloc's thread-local free lists do that in about half glibc's instructions.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "portcullis",

@@ -15,6 +15,38 @@ use super::{client_target, Options, PluginSet};
 use crate::load::{self, Pace};
 use crate::mock::Mock;
 
+/// The servers that get a count: the floor (`None`) and Portcullis with each plugin set.
+pub const MEASURED: [Option<PluginSet>; 8] = [
+    None,
+    Some(PluginSet::None),
+    Some(PluginSet::NoopPooled),
+    Some(PluginSet::NoopFresh),
+    Some(PluginSet::One),
+    Some(PluginSet::Three),
+    Some(PluginSet::Five),
+    Some(PluginSet::FiveFresh),
+];
+
+/// The floor's label, beside the plugin sets' own.
+pub fn label(set: Option<PluginSet>) -> &'static str {
+    set.map_or("floor", PluginSet::label)
+}
+
+/// A short name for the command line: `floor`, `portcullis`, `noop-pooled`, `noop-fresh`,
+/// `plugins-1`, `plugins-3`, `plugins-5`, `plugins-5-fresh`.
+pub fn short_name(set: Option<PluginSet>) -> &'static str {
+    match set {
+        None => "floor",
+        Some(PluginSet::None) => "portcullis",
+        Some(PluginSet::NoopPooled) => "noop-pooled",
+        Some(PluginSet::NoopFresh) => "noop-fresh",
+        Some(PluginSet::One) => "plugins-1",
+        Some(PluginSet::Three) => "plugins-3",
+        Some(PluginSet::Five) => "plugins-5",
+        Some(PluginSet::FiveFresh) => "plugins-5-fresh",
+    }
+}
+
 /// Every server variant that gets a count, by label; a variant that failed says why.
 pub async fn measure_all(
     options: &Options,
@@ -23,33 +55,30 @@ pub async fn measure_all(
 ) -> BTreeMap<String, Result<f64, String>> {
     let requests = if options.quick { 300 } else { 2000 };
     let mut counts = BTreeMap::new();
-    let floor = measure(options, pinning, mock, None, requests).await;
-    eprintln!("callgrind floor: {floor:?}");
-    counts.insert("floor".to_owned(), floor.map_err(|e| format!("{e:#}")));
-    for set in [
-        PluginSet::None,
-        PluginSet::NoopPooled,
-        PluginSet::NoopFresh,
-        PluginSet::One,
-        PluginSet::Three,
-        PluginSet::Five,
-        PluginSet::FiveFresh,
-    ] {
-        let count = measure(options, pinning, mock, Some(set), requests).await;
-        eprintln!("callgrind {}: {count:?}", set.label());
-        counts.insert(set.label().to_owned(), count.map_err(|e| format!("{e:#}")));
+    for set in MEASURED {
+        let count = measure(options, pinning, mock, set, requests).await;
+        eprintln!("callgrind {}: {count:?}", label(set));
+        let count = count.map(|c| c.per_request).map_err(|e| format!("{e:#}"));
+        counts.insert(label(set).to_owned(), count);
     }
     counts
 }
 
+/// One server's count, and the dump it came from (for `callgrind_annotate`).
+#[derive(Debug)]
+pub struct Count {
+    pub per_request: f64,
+    pub dump: PathBuf,
+}
+
 /// Instructions per request of the floor (`set` is `None`) or of Portcullis with `set`.
-async fn measure(
+pub async fn measure(
     options: &Options,
     pinning: &Pinning,
     mock: &Mock,
     set: Option<PluginSet>,
     requests: u64,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Count> {
     let dumps = options.work.join("callgrind");
     std::fs::create_dir_all(&dumps)?;
     let mut command = pinning.command(Path::new("valgrind"));
@@ -106,8 +135,12 @@ async fn measure(
         );
     }
     control(server.pid(), "--dump")?;
-    let total = newest_total(&dumps, server.pid())?;
-    Ok(total as f64 / requests as f64)
+    let dump = newest_dump(&dumps, server.pid())?;
+    let total = dump_total(&dump)?;
+    Ok(Count {
+        per_request: total as f64 / requests as f64,
+        dump,
+    })
 }
 
 fn control(pid: u32, what: &str) -> anyhow::Result<()> {
@@ -124,8 +157,8 @@ fn control(pid: u32, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `totals:` (or `summary:`) line of the newest dump of `pid`.
-fn newest_total(dir: &Path, pid: u32) -> anyhow::Result<u64> {
+/// The newest dump `pid` wrote into `dir`.
+fn newest_dump(dir: &Path, pid: u32) -> anyhow::Result<PathBuf> {
     let prefix = format!("callgrind.{pid}.");
     let mut dumps: Vec<(u32, PathBuf)> = std::fs::read_dir(dir)?
         .filter_map(Result::ok)
@@ -136,8 +169,13 @@ fn newest_total(dir: &Path, pid: u32) -> anyhow::Result<u64> {
         })
         .collect();
     dumps.sort();
-    let (_, newest) = dumps.last().context("callgrind wrote no dump")?;
-    let text = std::fs::read_to_string(newest)?;
+    let (_, newest) = dumps.pop().context("callgrind wrote no dump")?;
+    Ok(newest)
+}
+
+/// The `totals:` (or `summary:`) line of a dump.
+fn dump_total(dump: &Path) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(dump)?;
     text.lines()
         .find_map(|line| {
             line.strip_prefix("totals:")
@@ -145,5 +183,5 @@ fn newest_total(dir: &Path, pid: u32) -> anyhow::Result<u64> {
                 .and_then(|rest| rest.split_whitespace().next())
                 .and_then(|n| n.parse().ok())
         })
-        .with_context(|| format!("no totals in {}", newest.display()))
+        .with_context(|| format!("no totals in {}", dump.display()))
 }

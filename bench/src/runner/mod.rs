@@ -105,6 +105,55 @@ pub fn run(mut options: Options) -> anyhow::Result<()> {
     runtime.block_on(run_all(options, pinning))
 }
 
+/// `portcullis-bench instructions`: the callgrind counts alone, for the servers named (short
+/// names, as [`callgrind::short_name`] gives them; all when none are), keeping each dump for
+/// `callgrind_annotate`.
+pub fn instructions(mut options: Options, names: &[String], requests: u64) -> anyhow::Result<()> {
+    let sets: Vec<_> = callgrind::MEASURED
+        .into_iter()
+        .filter(|set| names.is_empty() || names.iter().any(|n| n == callgrind::short_name(*set)))
+        .collect();
+    if sets.is_empty() {
+        let known: Vec<_> = callgrind::MEASURED
+            .into_iter()
+            .map(callgrind::short_name)
+            .collect();
+        bail!("no such server; choose from {}", known.join(", "));
+    }
+    for path in [
+        &mut options.gateway,
+        &mut options.plugins,
+        &mut options.bench,
+        &mut options.work,
+    ] {
+        *path = std::path::absolute(&*path)?;
+    }
+    let pinning = Pinning::detect();
+    pinning.pin_self()?;
+    std::fs::create_dir_all(&options.work)?;
+    check_inputs(&options)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mock = mock::start(
+            "127.0.0.1:0".parse().context("address")?,
+            mock::Behavior::default(),
+        )
+        .await?;
+        for set in sets {
+            let count = callgrind::measure(&options, &pinning, &mock, set, requests).await?;
+            println!(
+                "{:<16} {:>9.0} instructions/request  {}",
+                callgrind::short_name(set),
+                count.per_request,
+                count.dump.display()
+            );
+        }
+        Ok(())
+    })
+}
+
 fn check_inputs(options: &Options) -> anyhow::Result<()> {
     if !options.gateway.is_file() {
         bail!(

@@ -3,6 +3,7 @@
 //! is versioned migrations compiled into the binary.
 
 use std::borrow::Cow;
+use std::sync::LazyLock;
 
 use serde_json::Value;
 use sqlx::any::{AnyArguments, AnyPoolOptions, AnyRow};
@@ -238,7 +239,8 @@ const SPEND_LOG_COLUMNS: &[&str] = &[
     "status",
 ];
 
-/// Rows per `INSERT` of spend logs: well under either engine's limit on parameters.
+/// Rows per `INSERT` of spend logs on Postgres: one round trip for many, well under its limit on
+/// parameters.
 const SPEND_ROWS_PER_INSERT: usize = 50;
 
 pub type AnyQuery<'q> = Query<'q, Any, AnyArguments>;
@@ -361,6 +363,19 @@ impl Record for UserRecord {
     fn spend(&self) -> StoredSpend {
         self.spend
     }
+}
+
+/// An `INSERT` of `rows` spend-log rows.
+fn insert_spend_sql(rows: usize) -> String {
+    let width = SPEND_LOG_COLUMNS.len();
+    let values: Vec<_> = (0..rows)
+        .map(|i| format!("({})", placeholders(i * width + 1, width)))
+        .collect();
+    format!(
+        "INSERT INTO portcullis_spend_logs ({}) VALUES {}",
+        SPEND_LOG_COLUMNS.join(", "),
+        values.join(", ")
+    )
 }
 
 fn placeholders(first: usize, count: usize) -> String {
@@ -552,20 +567,23 @@ impl Store {
         deltas: &[SpendDelta],
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        for chunk in rows.chunks(SPEND_ROWS_PER_INSERT) {
-            let width = SPEND_LOG_COLUMNS.len();
-            let values: Vec<_> = (0..chunk.len())
-                .map(|i| format!("({})", placeholders(i * width + 1, width)))
-                .collect();
-            let mut insert = query(format!(
-                "INSERT INTO portcullis_spend_logs ({}) VALUES {}",
-                SPEND_LOG_COLUMNS.join(", "),
-                values.join(", ")
-            ));
-            for row in chunk {
-                insert = bind_spend_row(insert, row);
+        if self.engine == "sqlite" {
+            // SQLite finds each `$N` by name in a list, so a statement's parse and binds grow
+            // with the square of its parameters: 50 rows at once cost about 250,000 instructions
+            // a row. One row per statement, prepared once per connection, costs a few thousand.
+            static ONE_ROW: LazyLock<String> = LazyLock::new(|| insert_spend_sql(1));
+            for row in rows {
+                let insert = sqlx::query(AssertSqlSafe(ONE_ROW.as_str())).persistent(true);
+                bind_spend_row(insert, row).execute(&mut *tx).await?;
             }
-            insert.execute(&mut *tx).await?;
+        } else {
+            for chunk in rows.chunks(SPEND_ROWS_PER_INSERT) {
+                let mut insert = query(insert_spend_sql(chunk.len()));
+                for row in chunk {
+                    insert = bind_spend_row(insert, row);
+                }
+                insert.execute(&mut *tx).await?;
+            }
         }
         for delta in deltas {
             let table = Table::of(delta.entity.kind);

@@ -241,7 +241,7 @@ fn check_chat(body: &JsonObject) -> Check {
         None => return Err(bad("messages", "is required")),
     };
     for (i, message) in messages.iter().enumerate() {
-        check_message(&format!("messages[{i}]"), message)?;
+        check_message(i, message)?;
     }
     check_number(body, "temperature", 0.0, 2.0)?;
     check_number(body, "top_p", 0.0, 1.0)?;
@@ -256,12 +256,11 @@ fn check_chat(body: &JsonObject) -> Check {
             .as_array()
             .ok_or_else(|| bad("tools", "must be an array"))?;
         for (i, tool) in tools.iter().enumerate() {
-            let at = format!("tools[{i}]");
             if !tool.is_object() {
-                return Err(bad(&at, "must be an object"));
+                return Err(bad(&format!("tools[{i}]"), "must be an object"));
             }
             if tool["type"] == "function" && !tool["function"]["name"].is_string() {
-                return Err(bad(&format!("{at}.function.name"), "is required"));
+                return Err(bad(&format!("tools[{i}].function.name"), "is required"));
             }
         }
     }
@@ -271,9 +270,19 @@ fn check_chat(body: &JsonObject) -> Check {
     }
 }
 
-fn check_message(at: &str, message: &Value) -> Check {
+/// `messages[N]`, written out only for an error: a valid request pays no formatting.
+struct MessagePath(usize);
+
+impl std::fmt::Display for MessagePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "messages[{}]", self.0)
+    }
+}
+
+fn check_message(index: usize, message: &Value) -> Check {
+    let at = MessagePath(index);
     let Value::Object(message) = message else {
-        return Err(bad(at, "must be an object"));
+        return Err(bad(&at.to_string(), "must be an object"));
     };
     let role = match message.get("role") {
         Some(Value::String(role)) => role.as_str(),
@@ -286,29 +295,35 @@ fn check_message(at: &str, message: &Value) -> Check {
             format!("'{role}' is not one of {}", ROLES.join(", ")),
         ));
     }
-    let content_at = format!("{at}.content");
     match message.get("content") {
         Some(Value::String(_)) => {}
         Some(Value::Array(parts)) => {
             for (j, part) in parts.iter().enumerate() {
-                let part_at = format!("{content_at}[{j}]");
                 match part.get("type") {
                     Some(Value::String(kind)) => {
                         if kind == "text" && !part["text"].is_string() {
-                            return Err(bad(&format!("{part_at}.text"), "must be a string"));
+                            return Err(bad(
+                                &format!("{at}.content[{j}].text"),
+                                "must be a string",
+                            ));
                         }
                     }
-                    _ => return Err(bad(&format!("{part_at}.type"), "is required")),
+                    _ => return Err(bad(&format!("{at}.content[{j}].type"), "is required")),
                 }
             }
         }
         None | Some(Value::Null) => {
             // Only an assistant turn that calls tools may come without content.
             if role != "assistant" {
-                return Err(bad(&content_at, "is required"));
+                return Err(bad(&format!("{at}.content"), "is required"));
             }
         }
-        Some(_) => return Err(bad(&content_at, "must be a string or an array of parts")),
+        Some(_) => {
+            return Err(bad(
+                &format!("{at}.content"),
+                "must be a string or an array of parts",
+            ))
+        }
     }
     if role == "tool" && !message.get("tool_call_id").is_some_and(Value::is_string) {
         return Err(bad(

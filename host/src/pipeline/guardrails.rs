@@ -22,7 +22,7 @@ use crate::extension::{
 };
 use crate::generation::{Generation, GuardrailSlot};
 use crate::openai::{self, ApiRequest};
-use crate::providers::{Endpoint, JsonObject};
+use crate::providers::{Endpoint, JsonObject, WholeAnswer};
 
 /// Each guardrail that ran and its outcome, for the call record.
 type Outcomes = Vec<(String, &'static str)>;
@@ -213,12 +213,21 @@ pub async fn post_call(
     generation: &Generation,
     call: &mut Call,
     request: &ApiRequest,
-    response: &mut JsonObject,
+    answer: &mut WholeAnswer,
 ) -> Result<(), GatewayError> {
     if call.endpoint == Endpoint::Embeddings {
         return Ok(());
     }
-    for slot in selected(generation, call, request, GuardrailMode::PostCall) {
+    let slots = selected(generation, call, request, GuardrailMode::PostCall);
+    if slots.is_empty() {
+        return Ok(());
+    }
+    // Only here is an upstream's answer parsed whole; it was checked to be a JSON object.
+    let response = answer.object_mut().map_err(|e| GatewayError::Upstream {
+        status: http::StatusCode::BAD_GATEWAY,
+        message: format!("the upstream response is not a JSON object: {e}"),
+    })?;
+    for slot in slots {
         let name = slot.guardrail.name();
         let verdict = slot.guardrail.check_response(call, request, response).await;
         let outcome = match &verdict {

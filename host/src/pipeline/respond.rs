@@ -72,10 +72,9 @@ pub async fn respond(
         answer,
     } = routed;
     match answer {
-        Answer::Whole(mut object) => {
+        Answer::Whole(answer) => {
             // Usage was taken when the answer arrived (pipeline::take_usage).
-            set_model(&mut object, &call.requested_model);
-            let body = Bytes::from(json::to_vec(&object));
+            let body = answer.into_body(&call.requested_model);
             let mut response = json_response(StatusCode::OK, body);
             add_headers(&mut response, &call, &deployment, Some(call.cost));
             drop(in_flight);
@@ -116,15 +115,24 @@ fn add_headers(
     cost: Option<f64>,
 ) {
     let headers = response.headers_mut();
+    // One allocation for every header this adds, instead of growing at each.
+    headers.reserve(12 + call.key_headers.len());
+    let names = &deployment.header_values;
+    for (name, value) in [
+        (MODEL_ID, &names.id),
+        (MODEL_GROUP, &names.group),
+        (API_BASE, &names.api_base),
+    ] {
+        if let Some(value) = value {
+            headers.insert(name, value.clone());
+        }
+    }
     let mut put = |name: HeaderName, value: &str| {
         if let Ok(value) = HeaderValue::from_str(value) {
             headers.insert(name, value);
         }
     };
     put(CALL_ID, &call.id);
-    put(MODEL_ID, &deployment.id);
-    put(MODEL_GROUP, &deployment.group);
-    put(API_BASE, &deployment.upstream.api_base);
     if let Some(cost) = cost {
         put(RESPONSE_COST, &fixed_point(cost, 10));
     }

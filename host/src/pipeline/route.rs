@@ -14,7 +14,7 @@ use crate::error::GatewayError;
 use crate::extension::RouteRequest;
 use crate::generation::Generation;
 use crate::openai::{self, ApiRequest};
-use crate::providers::{ChunkStream, JsonObject, ProviderError, Reply};
+use crate::providers::{ChunkStream, JsonObject, ProviderError, Reply, WholeAnswer};
 use crate::router::{Deployment, InFlight, NoDeployment};
 use crate::tokens;
 
@@ -28,7 +28,7 @@ pub struct Routed {
 }
 
 pub enum Answer {
-    Whole(JsonObject),
+    Whole(WholeAnswer),
     Stream {
         first: JsonObject,
         rest: ChunkStream,

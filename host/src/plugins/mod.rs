@@ -299,6 +299,10 @@ pub fn quiet_library_backtraces() {
 fn base_config() -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
+    // The contract has no async component functions, streams or futures. With concurrency on,
+    // every call goes through the component-model-async event loop: about 40,000 instructions
+    // more per call than a plain call on a fiber.
+    config.concurrency_support(false);
     config
 }
 

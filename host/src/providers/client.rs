@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::{
     anthropic, azure, mock, openai, ChunkStream, Decoded, Endpoint, JsonObject, ProviderError,
-    ProviderKind, Reply, StreamDecoder, Upstream,
+    ProviderKind, Reply, StreamDecoder, Upstream, WholeAnswer,
 };
 use crate::sse::SseParser;
 
@@ -118,12 +118,18 @@ impl UpstreamClient {
         .map_err(|_| timed_out(upstream))?
         .map_err(|e| ProviderError::Protocol(format!("reading the upstream response failed: {e}")))?
         .to_bytes();
-        let object: JsonObject = serde_json::from_slice(&bytes).map_err(|e| {
+        let not_an_object = |e: serde_json::Error| {
             ProviderError::Protocol(format!("the upstream response is not a JSON object: {e}"))
-        })?;
+        };
         match upstream.kind {
-            ProviderKind::Anthropic => anthropic::chat_completion(object).map(Reply::Whole),
-            _ => Ok(Reply::Whole(object)),
+            ProviderKind::Anthropic => {
+                let object: JsonObject = serde_json::from_slice(&bytes).map_err(not_an_object)?;
+                let answer = anthropic::chat_completion(object)?;
+                Ok(Reply::Whole(WholeAnswer::from_object(answer)))
+            }
+            _ => Ok(Reply::Whole(
+                WholeAnswer::from_bytes(bytes).map_err(not_an_object)?,
+            )),
         }
     }
 }

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use futures_util::stream;
 use serde_json::{json, Value};
 
-use super::{Endpoint, JsonObject, ProviderError, Reply, Upstream, Usage};
+use super::{Endpoint, JsonObject, ProviderError, Reply, Upstream, Usage, WholeAnswer};
 use crate::openai;
 use crate::tokens;
 
@@ -23,7 +23,10 @@ pub(super) fn reply(
     match endpoint {
         Endpoint::ChatCompletions => Ok(chat(&upstream.model, body, stream)),
         Endpoint::Completions => Ok(completion(&upstream.model, body, stream)),
-        Endpoint::Embeddings => Ok(Reply::Whole(embeddings(&upstream.model, body))),
+        Endpoint::Embeddings => Ok(Reply::Whole(WholeAnswer::from_object(embeddings(
+            &upstream.model,
+            body,
+        )))),
     }
 }
 
@@ -48,7 +51,7 @@ fn chat(model: &str, body: &JsonObject, stream: bool) -> Reply {
     let id = format!("chatcmpl-mock-{:016x}", fnv1a(prompt.as_bytes()));
     let created = unix_now();
     if !stream {
-        return Reply::Whole(object(json!({
+        return Reply::Whole(WholeAnswer::from_object(object(json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{
                 "index": 0,
@@ -56,7 +59,7 @@ fn chat(model: &str, body: &JsonObject, stream: bool) -> Reply {
                 "finish_reason": "stop", "logprobs": null,
             }],
             "usage": usage.to_json(),
-        })));
+        }))));
     }
     let chunk = |delta: Value, finish: Value| {
         object(json!({
@@ -99,7 +102,7 @@ fn completion(model: &str, body: &JsonObject, stream: bool) -> Reply {
     if !stream {
         let mut whole = make(&prompt, json!("stop"));
         whole.insert("usage".into(), usage.to_json());
-        return Reply::Whole(whole);
+        return Reply::Whole(WholeAnswer::from_object(whole));
     }
     let mut chunks: Vec<JsonObject> = pieces(&prompt).map(|p| make(p, Value::Null)).collect();
     chunks.push(make("", json!("stop")));
@@ -247,9 +250,10 @@ mod tests {
             {"role": "assistant", "content": "x"},
             {"role": "user", "content": [{"type": "text", "text": "say hi"}]},
         ]}));
-        let Reply::Whole(reply) = chat("m", &body, false) else {
+        let Reply::Whole(mut reply) = chat("m", &body, false) else {
             panic!("expected a whole reply")
         };
+        let reply = reply.object_mut().expect("an object");
         assert_eq!(reply["choices"][0]["message"]["content"], "say hi");
         assert_eq!(reply["usage"]["completion_tokens"], 2);
         // "first" (2) + "x" (1) + "say hi" (2)

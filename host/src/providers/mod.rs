@@ -9,6 +9,7 @@ mod azure;
 mod client;
 mod mock;
 mod openai;
+mod whole;
 
 use std::fmt;
 use std::pin::Pin;
@@ -19,6 +20,7 @@ use http::StatusCode;
 use serde::Deserialize;
 
 pub use client::UpstreamClient;
+pub use whole::WholeAnswer;
 
 /// A JSON object: request bodies, responses and stream chunks all travel as these, so fields we do
 /// not know about survive the trip.
@@ -231,7 +233,7 @@ pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<JsonObject, ProviderErro
 
 /// What a successful upstream call gave back.
 pub enum Reply {
-    Whole(JsonObject),
+    Whole(WholeAnswer),
     Stream(ChunkStream),
 }
 

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use http::HeaderValue;
+
 use crate::cost::Prices;
 use crate::extension::Candidate;
 use crate::providers::Upstream;
@@ -22,6 +24,8 @@ pub struct Deployment {
     pub rpm: Option<u64>,
     pub tpm: Option<u64>,
     pub prices: Prices,
+    /// `id`, `group` and the API base as header values, checked once: every response names them.
+    pub header_values: HeaderValues,
     /// Shared with this deployment's successor in the next generation, so a reload keeps its
     /// load, latency, usage and cooldown.
     stats: Arc<Stats>,
@@ -59,6 +63,25 @@ impl MinuteWindow {
     }
 }
 
+/// A deployment's names as response header values; `None` where one cannot be a header.
+#[derive(Debug, Clone)]
+pub struct HeaderValues {
+    pub id: Option<HeaderValue>,
+    pub group: Option<HeaderValue>,
+    pub api_base: Option<HeaderValue>,
+}
+
+impl HeaderValues {
+    fn of(id: &str, group: &str, api_base: &str) -> HeaderValues {
+        let value = |text: &str| HeaderValue::from_str(text).ok();
+        HeaderValues {
+            id: value(id),
+            group: value(group),
+            api_base: value(api_base),
+        }
+    }
+}
+
 /// Weight of the newest sample in the latency average.
 const LATENCY_ALPHA: f64 = 0.3;
 
@@ -73,6 +96,7 @@ impl Deployment {
         prices: Prices,
     ) -> Deployment {
         Deployment {
+            header_values: HeaderValues::of(&id, &group, &upstream.api_base),
             id,
             group,
             upstream,
