@@ -75,7 +75,9 @@ impl PluginSet {
 }
 
 /// Writes `DIR/<name>.yaml` for `set` and returns its path. `plugins` is the directory the
-/// plugin files are in; the audit hook writes into `DIR/audit`.
+/// plugin files are in; the audit hook writes into `DIR/audit`. Each config gets an empty spend
+/// database of its own: appending to one that earlier runs filled costs more per row, and counts
+/// would depend on what ran before.
 pub fn write_config(
     dir: &Path,
     name: &str,
@@ -85,8 +87,21 @@ pub fn write_config(
 ) -> std::io::Result<PathBuf> {
     let audit = dir.join("audit");
     std::fs::create_dir_all(&audit)?;
+    let database = dir.join(format!("{name}.db"));
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", database.display()));
+        if file.exists() {
+            std::fs::remove_file(file)?;
+        }
+    }
+    let mut text = config_text(set, upstream, plugins, &audit, 600);
+    let _ = writeln!(
+        text,
+        "store:\n  database_url: \"sqlite://{}\"",
+        database.display()
+    );
     let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, config_text(set, upstream, plugins, &audit, 600))?;
+    std::fs::write(&path, text)?;
     Ok(path)
 }
 

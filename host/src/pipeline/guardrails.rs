@@ -22,7 +22,7 @@ use crate::extension::{
 };
 use crate::generation::{Generation, GuardrailSlot};
 use crate::openai::{self, ApiRequest};
-use crate::providers::{Endpoint, JsonObject, WholeAnswer};
+use crate::providers::{Endpoint, JsonObject, RelayedObject};
 
 /// Each guardrail that ran and its outcome, for the call record.
 type Outcomes = Vec<(String, &'static str)>;
@@ -213,7 +213,7 @@ pub async fn post_call(
     generation: &Generation,
     call: &mut Call,
     request: &ApiRequest,
-    answer: &mut WholeAnswer,
+    answer: &mut RelayedObject,
 ) -> Result<(), GatewayError> {
     if call.endpoint == Endpoint::Embeddings {
         return Ok(());

@@ -26,7 +26,7 @@ use tracing::Instrument;
 use crate::call::{Call, Outcome};
 use crate::error::GatewayError;
 use crate::generation::Generation;
-use crate::providers::{Endpoint, WholeAnswer};
+use crate::providers::{Endpoint, RelayedObject};
 use respond::ResponseBody;
 
 /// Runs one API call through every stage and always returns a response.
@@ -130,7 +130,7 @@ where
 
 /// Counts a whole answer's usage for the call and the deployment as soon as it arrives, so an
 /// answer a guardrail then refuses is still paid for and counted against the caps.
-fn take_usage(call: &mut Call, deployment: &crate::router::Deployment, response: &WholeAnswer) {
+fn take_usage(call: &mut Call, deployment: &crate::router::Deployment, response: &RelayedObject) {
     if let Some(usage) = response.usage() {
         call.set_usage(usage);
         deployment.record_tokens(usage.total_tokens);

@@ -21,7 +21,7 @@ use crate::json;
 use crate::pipeline::guardrails::StreamGuards;
 use crate::pipeline::post_call::Charging;
 use crate::pipeline::route::{Answer, Routed};
-use crate::providers::{ChunkStream, Endpoint, JsonObject, Usage};
+use crate::providers::{ChunkStream, Endpoint, JsonObject, RelayedObject};
 use crate::router::{Deployment, InFlight};
 use crate::sse;
 
@@ -74,7 +74,7 @@ pub async fn respond(
     match answer {
         Answer::Whole(answer) => {
             // Usage was taken when the answer arrived (pipeline::take_usage).
-            let body = answer.into_body(&call.requested_model);
+            let body = Bytes::from(answer.into_body(&call.requested_model));
             let mut response = json_response(StatusCode::OK, body);
             add_headers(&mut response, &call, &deployment, Some(call.cost));
             drop(in_flight);
@@ -194,7 +194,7 @@ fn fixed_point(value: f64, decimals: u32) -> String {
 /// way (and hidden unless asked for), `[DONE]` at the end, an error event if the upstream breaks.
 fn client_stream(
     end: StreamEnd,
-    first: JsonObject,
+    first: RelayedObject,
     rest: ChunkStream,
     include_usage: bool,
     guards: Option<StreamGuards>,
@@ -216,32 +216,45 @@ fn client_stream(
             };
             match next {
                 Some(Ok(mut chunk)) => {
-                    if let Some(usage) = Usage::from_object(&chunk) {
+                    if let Some(usage) = chunk.usage() {
                         end.call.set_usage(usage);
                     }
                     if !state.include_usage {
                         // Only the usage chunk itself is hidden; Azure also opens streams with a
                         // choice-less chunk (content filter results, `"usage": null`) that stays.
-                        let no_choices = chunk
-                            .get("choices")
-                            .and_then(Value::as_array)
-                            .is_some_and(Vec::is_empty);
-                        if no_choices && chunk.get("usage").is_some_and(Value::is_object) {
+                        if chunk.is_usage_only() {
                             continue;
                         }
-                        chunk.shift_remove("usage");
+                        chunk.drop_usage();
                     }
-                    set_model(&mut chunk, &end.call.requested_model);
-                    if let Some(guards) = state.guards.as_mut() {
-                        // Only guardrails may need to add chunks of their own at the end.
-                        if state.template.is_none() {
-                            state.template = Some(chunk_template(&chunk));
+                    let model = &end.call.requested_model;
+                    let json = match state.guards.as_mut() {
+                        // Without guardrails a chunk goes out as it came, relabelled.
+                        None => chunk.into_body(model),
+                        Some(guards) => {
+                            let mut object = match chunk.into_object() {
+                                Ok(object) => object,
+                                Err(e) => {
+                                    let err = GatewayError::Upstream {
+                                        status: StatusCode::BAD_GATEWAY,
+                                        message: format!(
+                                            "the upstream sent a stream chunk that is not a JSON object: {e}"
+                                        ),
+                                    };
+                                    return Some((Ok(Frame::data(state.fail(err))), state));
+                                }
+                            };
+                            set_model(&mut object, model);
+                            // Only guardrails may need to add chunks of their own at the end.
+                            if state.template.is_none() {
+                                state.template = Some(chunk_template(&object));
+                            }
+                            if let Err(err) = guards.filter(&mut object).await {
+                                return Some((Ok(Frame::data(state.fail(err))), state));
+                            }
+                            json::to_vec(&object)
                         }
-                        if let Err(err) = guards.filter(&mut chunk).await {
-                            return Some((Ok(Frame::data(state.fail(err))), state));
-                        }
-                    }
-                    let json = json::to_vec(&chunk);
+                    };
                     return Some((Ok(Frame::data(sse::encode_data(&json))), state));
                 }
                 Some(Err(err)) => {
@@ -272,7 +285,7 @@ fn client_stream(
 }
 
 struct StreamState {
-    pending_first: Option<JsonObject>,
+    pending_first: Option<RelayedObject>,
     rest: ChunkStream,
     include_usage: bool,
     guards: Option<StreamGuards>,

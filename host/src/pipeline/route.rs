@@ -14,7 +14,7 @@ use crate::error::GatewayError;
 use crate::extension::RouteRequest;
 use crate::generation::Generation;
 use crate::openai::{self, ApiRequest};
-use crate::providers::{ChunkStream, JsonObject, ProviderError, Reply, WholeAnswer};
+use crate::providers::{ChunkStream, ProviderError, RelayedObject, Reply};
 use crate::router::{Deployment, InFlight, NoDeployment};
 use crate::tokens;
 
@@ -28,9 +28,9 @@ pub struct Routed {
 }
 
 pub enum Answer {
-    Whole(WholeAnswer),
+    Whole(RelayedObject),
     Stream {
-        first: JsonObject,
+        first: RelayedObject,
         rest: ChunkStream,
     },
 }

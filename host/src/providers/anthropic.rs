@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use http::StatusCode;
 use serde_json::{json, Value};
 
-use super::{Decoded, JsonObject, ProviderError, StreamDecoder};
+use super::{Decoded, JsonObject, ProviderError, RelayedObject, StreamDecoder};
 use crate::sse::SseEvent;
 
 /// The `anthropic-version` header value used when the deployment sets none.
@@ -794,7 +794,9 @@ impl StreamDecoder for MessagesStream {
             // ping, content_block_stop, and event types newer than this code.
             _ => Vec::new(),
         };
-        Ok(Decoded::Chunks(chunks))
+        Ok(Decoded::Chunks(
+            chunks.into_iter().map(RelayedObject::from_object).collect(),
+        ))
     }
 }
 
@@ -1490,7 +1492,10 @@ mod tests {
 
     fn decode(stream: &mut MessagesStream, event: SseEvent) -> Vec<Value> {
         match stream.decode(event).expect("decodes") {
-            Decoded::Chunks(chunks) => chunks.into_iter().map(Value::Object).collect(),
+            Decoded::Chunks(chunks) => chunks
+                .into_iter()
+                .map(|chunk| Value::Object(chunk.into_object().expect("an object")))
+                .collect(),
             Decoded::Done => panic!("unexpected Done"),
         }
     }

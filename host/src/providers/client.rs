@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::{
     anthropic, azure, mock, openai, ChunkStream, Decoded, Endpoint, JsonObject, ProviderError,
-    ProviderKind, Reply, StreamDecoder, Upstream, WholeAnswer,
+    ProviderKind, RelayedObject, Reply, StreamDecoder, Upstream,
 };
 use crate::sse::SseParser;
 
@@ -125,10 +125,10 @@ impl UpstreamClient {
             ProviderKind::Anthropic => {
                 let object: JsonObject = serde_json::from_slice(&bytes).map_err(not_an_object)?;
                 let answer = anthropic::chat_completion(object)?;
-                Ok(Reply::Whole(WholeAnswer::from_object(answer)))
+                Ok(Reply::Whole(RelayedObject::from_object(answer)))
             }
             _ => Ok(Reply::Whole(
-                WholeAnswer::from_bytes(bytes).map_err(not_an_object)?,
+                RelayedObject::from_bytes(bytes).map_err(not_an_object)?,
             )),
         }
     }
@@ -309,7 +309,7 @@ fn chunk_stream(body: Incoming, decoder: Box<dyn StreamDecoder>, idle: Duration)
         body: Incoming,
         parser: SseParser,
         decoder: Box<dyn StreamDecoder>,
-        ready: VecDeque<Result<JsonObject, ProviderError>>,
+        ready: VecDeque<Result<RelayedObject, ProviderError>>,
         finished: bool,
         /// Whether a chunk carried a finish reason: then a missing terminator loses nothing.
         saw_finish: bool,
@@ -320,7 +320,7 @@ fn chunk_stream(body: Incoming, decoder: Box<dyn StreamDecoder>, idle: Duration)
         fn take(&mut self, event: crate::sse::SseEvent) {
             match self.decoder.decode(event) {
                 Ok(Decoded::Chunks(chunks)) => {
-                    self.saw_finish |= chunks.iter().any(has_finish_reason);
+                    self.saw_finish |= chunks.iter().any(RelayedObject::has_finish_reason);
                     self.ready.extend(chunks.into_iter().map(Ok));
                 }
                 Ok(Decoded::Done) => self.finished = true,
@@ -388,13 +388,6 @@ fn chunk_stream(body: Incoming, decoder: Box<dyn StreamDecoder>, idle: Duration)
             }
         }
     }))
-}
-
-fn has_finish_reason(chunk: &JsonObject) -> bool {
-    chunk
-        .get("choices")
-        .and_then(Value::as_array)
-        .is_some_and(|choices| choices.iter().any(|c| !c["finish_reason"].is_null()))
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use futures_util::stream;
 use serde_json::{json, Value};
 
-use super::{Endpoint, JsonObject, ProviderError, Reply, Upstream, Usage, WholeAnswer};
+use super::{Endpoint, JsonObject, ProviderError, RelayedObject, Reply, Upstream, Usage};
 use crate::openai;
 use crate::tokens;
 
@@ -23,7 +23,7 @@ pub(super) fn reply(
     match endpoint {
         Endpoint::ChatCompletions => Ok(chat(&upstream.model, body, stream)),
         Endpoint::Completions => Ok(completion(&upstream.model, body, stream)),
-        Endpoint::Embeddings => Ok(Reply::Whole(WholeAnswer::from_object(embeddings(
+        Endpoint::Embeddings => Ok(Reply::Whole(RelayedObject::from_object(embeddings(
             &upstream.model,
             body,
         )))),
@@ -51,7 +51,7 @@ fn chat(model: &str, body: &JsonObject, stream: bool) -> Reply {
     let id = format!("chatcmpl-mock-{:016x}", fnv1a(prompt.as_bytes()));
     let created = unix_now();
     if !stream {
-        return Reply::Whole(WholeAnswer::from_object(object(json!({
+        return Reply::Whole(RelayedObject::from_object(object(json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{
                 "index": 0,
@@ -102,7 +102,7 @@ fn completion(model: &str, body: &JsonObject, stream: bool) -> Reply {
     if !stream {
         let mut whole = make(&prompt, json!("stop"));
         whole.insert("usage".into(), usage.to_json());
-        return Reply::Whole(WholeAnswer::from_object(whole));
+        return Reply::Whole(RelayedObject::from_object(whole));
     }
     let mut chunks: Vec<JsonObject> = pieces(&prompt).map(|p| make(p, Value::Null)).collect();
     chunks.push(make("", json!("stop")));
@@ -209,7 +209,11 @@ fn usage_of(prompt: &str, completion: &str) -> Usage {
 }
 
 fn into_stream(chunks: Vec<JsonObject>) -> Reply {
-    Reply::Stream(Box::pin(stream::iter(chunks.into_iter().map(Ok))))
+    Reply::Stream(Box::pin(stream::iter(
+        chunks
+            .into_iter()
+            .map(|chunk| Ok(RelayedObject::from_object(chunk))),
+    )))
 }
 
 fn object(value: Value) -> JsonObject {

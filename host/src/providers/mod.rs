@@ -9,7 +9,7 @@ mod azure;
 mod client;
 mod mock;
 mod openai;
-mod whole;
+mod relayed;
 
 use std::fmt;
 use std::pin::Pin;
@@ -20,7 +20,7 @@ use http::StatusCode;
 use serde::Deserialize;
 
 pub use client::UpstreamClient;
-pub use whole::WholeAnswer;
+pub use relayed::RelayedObject;
 
 /// A JSON object: request bodies, responses and stream chunks all travel as these, so fields we do
 /// not know about survive the trip.
@@ -229,11 +229,13 @@ impl Usage {
 
 /// A stream of OpenAI chunk objects (`chat.completion.chunk` or `text_completion`), in order.
 /// It ends after the upstream's last chunk; `[DONE]` is the encoder's business, not the stream's.
-pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<JsonObject, ProviderError>> + Send>>;
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<RelayedObject, ProviderError>> + Send>>;
 
 /// What a successful upstream call gave back.
+// A reply moves a few times per call; boxing the answer would cost an allocation each time.
+#[allow(clippy::large_enum_variant)]
 pub enum Reply {
-    Whole(WholeAnswer),
+    Whole(RelayedObject),
     Stream(ChunkStream),
 }
 
@@ -249,7 +251,7 @@ impl fmt::Debug for Reply {
 /// What a stream decoder made of one SSE event.
 #[derive(Debug)]
 pub(crate) enum Decoded {
-    Chunks(Vec<JsonObject>),
+    Chunks(Vec<RelayedObject>),
     /// The upstream said the stream is complete.
     Done,
 }

@@ -4,7 +4,9 @@
 
 use serde_json::Value;
 
-use super::{Decoded, Endpoint, JsonObject, ProviderError, StreamDecoder, Upstream};
+use bytes::Bytes;
+
+use super::{Decoded, Endpoint, JsonObject, ProviderError, RelayedObject, StreamDecoder, Upstream};
 use crate::json;
 use crate::sse::SseEvent;
 
@@ -44,19 +46,18 @@ pub(super) struct ChunkDecoder;
 
 impl StreamDecoder for ChunkDecoder {
     fn decode(&mut self, event: SseEvent) -> Result<Decoded, ProviderError> {
-        let data = event.data.trim();
-        if data == "[DONE]" {
+        if event.data.trim() == "[DONE]" {
             return Ok(Decoded::Done);
         }
-        let chunk: JsonObject = serde_json::from_str(data).map_err(|e| {
+        let chunk = RelayedObject::from_bytes(Bytes::from(event.data)).map_err(|e| {
             ProviderError::Protocol(format!(
                 "the upstream sent a stream chunk that is not a JSON object: {e}"
             ))
         })?;
-        if let Some(error) = chunk.get("error") {
+        if let Some(error) = chunk.error() {
             return Err(ProviderError::Status {
                 status: http::StatusCode::BAD_GATEWAY,
-                message: super::client::error_message_of(error),
+                message: super::client::error_message_of(&error),
                 retry_after_s: None,
             });
         }

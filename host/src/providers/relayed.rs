@@ -1,0 +1,403 @@
+//! An OpenAI-shaped object on its way from an upstream to the client: a whole answer, or one chunk
+//! of a stream.
+//!
+//! An OpenAI-compatible upstream's object is kept as the bytes it sent. The gateway reads only a
+//! few of its fields (`model`, to put the client's name back; `usage`; whether `choices` is empty
+//! or a choice has finished; `error`), which one borrowing pass finds without building a map. The
+//! object is parsed only when something must read or change all of it (a guardrail), and then
+//! written out again.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use super::{JsonObject, Usage};
+use crate::json;
+
+#[derive(Debug, Clone)]
+pub struct RelayedObject {
+    /// The upstream's bytes as they came (empty for an object the gateway built).
+    sent: Bytes,
+    fields: SentFields,
+    /// The object, once built or parsed: from then on it is what the client gets.
+    object: Option<JsonObject>,
+}
+
+/// What the borrowing pass found in `sent`; spans are of JSON values.
+#[derive(Debug, Clone, Default)]
+struct SentFields {
+    model: Option<Range<usize>>,
+    usage: Option<Range<usize>>,
+    parsed_usage: Option<Usage>,
+    usage_is_object: bool,
+    no_choices: bool,
+    finished: bool,
+    error: Option<Range<usize>>,
+    /// The `usage` entry (key, value and one comma), once the client is not to see it.
+    dropped: Option<Range<usize>>,
+}
+
+/// The fields the gateway reads; serde skips the rest without allocating.
+#[derive(Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow, default)]
+    model: Present<'a>,
+    #[serde(borrow, default)]
+    usage: Present<'a>,
+    #[serde(borrow, default)]
+    error: Present<'a>,
+    #[serde(borrow, default)]
+    choices: Option<Vec<ChoicePeek<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct ChoicePeek<'a> {
+    #[serde(borrow, default)]
+    finish_reason: Option<&'a RawValue>,
+}
+
+/// A field's raw value if the field is there, `null` included (an `Option` would read `null` as
+/// absent, and a relabelled `"model": null` would then appear twice).
+#[derive(Default)]
+struct Present<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Present<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        <&'de RawValue>::deserialize(deserializer).map(|raw| Present(Some(raw)))
+    }
+}
+
+impl RelayedObject {
+    /// An object the gateway built (or translated from another dialect).
+    pub fn from_object(object: JsonObject) -> RelayedObject {
+        RelayedObject {
+            sent: Bytes::new(),
+            fields: SentFields::default(),
+            object: Some(object),
+        }
+    }
+
+    /// The upstream's bytes, which must be a JSON object.
+    pub fn from_bytes(sent: Bytes) -> Result<RelayedObject, serde_json::Error> {
+        let starts_as_object = sent.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        // A struct also reads from an array, and refuses a repeated field or a `choices` that
+        // is not a list; in each case the full parse decides (and names any problem).
+        let peek = match starts_as_object {
+            true => serde_json::from_slice::<Peek<'_>>(&sent).ok(),
+            false => None,
+        };
+        let Some(peek) = peek else {
+            return serde_json::from_slice(&sent).map(RelayedObject::from_object);
+        };
+        let span = |present: Present<'_>| present.0.map(|raw| span_in(&sent, raw.get()));
+        let usage_raw = peek.usage.0.map(RawValue::get);
+        let usage_is_object = usage_raw.is_some_and(|raw| raw.starts_with('{'));
+        let choices = peek.choices;
+        let fields = SentFields {
+            parsed_usage: usage_raw
+                .filter(|_| usage_is_object)
+                .and_then(|raw| serde_json::from_str::<Usage>(raw).ok()),
+            usage_is_object,
+            no_choices: choices.as_ref().is_some_and(Vec::is_empty),
+            finished: choices.iter().flatten().any(|choice| {
+                choice
+                    .finish_reason
+                    .is_some_and(|reason| reason.get() != "null")
+            }),
+            model: span(peek.model),
+            usage: span(peek.usage),
+            error: span(peek.error),
+            dropped: None,
+        };
+        Ok(RelayedObject {
+            sent,
+            fields,
+            object: None,
+        })
+    }
+
+    /// `usage`, if present and well formed.
+    pub fn usage(&self) -> Option<Usage> {
+        match &self.object {
+            Some(object) => Usage::from_object(object),
+            None => self.fields.parsed_usage,
+        }
+    }
+
+    /// A chunk with no choices that carries usage: the usage chunk at a stream's end.
+    pub fn is_usage_only(&self) -> bool {
+        match &self.object {
+            Some(object) => {
+                let no_choices = object
+                    .get("choices")
+                    .and_then(Value::as_array)
+                    .is_some_and(Vec::is_empty);
+                no_choices && object.get("usage").is_some_and(Value::is_object)
+            }
+            None => self.fields.no_choices && self.fields.usage_is_object,
+        }
+    }
+
+    /// Whether a choice has a finish reason.
+    pub fn has_finish_reason(&self) -> bool {
+        match &self.object {
+            Some(object) => object
+                .get("choices")
+                .and_then(Value::as_array)
+                .is_some_and(|choices| choices.iter().any(|c| !c["finish_reason"].is_null())),
+            None => self.fields.finished,
+        }
+    }
+
+    /// The `error` field, if there is one.
+    pub fn error(&self) -> Option<Value> {
+        match &self.object {
+            Some(object) => object.get("error").cloned(),
+            None => {
+                let span = self.fields.error.clone()?;
+                serde_json::from_slice(&self.sent[span]).ok()
+            }
+        }
+    }
+
+    /// Leaves `usage` out of what the client gets.
+    pub fn drop_usage(&mut self) {
+        if self.object.is_none() {
+            let Some(value) = self.fields.usage.clone() else {
+                return;
+            };
+            if let Some(entry) = entry_span(&self.sent, value, "usage") {
+                self.fields.dropped = Some(entry);
+                return;
+            }
+        }
+        // Written in a way the byte search does not follow (an escaped key): parse it.
+        if let Ok(object) = self.object_mut() {
+            object.shift_remove("usage");
+        }
+    }
+
+    /// The object, parsed now if it was not yet.
+    pub fn object_mut(&mut self) -> Result<&mut JsonObject, serde_json::Error> {
+        let object = match self.object.take() {
+            Some(object) => object,
+            None => {
+                let mut object: JsonObject = serde_json::from_slice(&self.sent)?;
+                if self.fields.dropped.is_some() {
+                    object.shift_remove("usage");
+                }
+                object
+            }
+        };
+        Ok(self.object.insert(object))
+    }
+
+    /// The object itself, parsed if it was not yet.
+    pub fn into_object(mut self) -> Result<JsonObject, serde_json::Error> {
+        self.object_mut()?;
+        Ok(self.object.unwrap_or_default())
+    }
+
+    /// The JSON for the client, with `model` set to the name the client asked for.
+    pub fn into_body(self, model: &str) -> Vec<u8> {
+        if let Some(mut object) = self.object {
+            object.insert("model".into(), Value::String(model.to_owned()));
+            return json::to_vec(&object);
+        }
+        let sent = &self.sent[..];
+        let has_model = self.fields.model.is_some();
+        let mut edits: Vec<(Range<usize>, Option<&str>)> = Vec::with_capacity(2);
+        if let Some(span) = self.fields.model {
+            edits.push((span, Some(model)));
+        }
+        if let Some(span) = self.fields.dropped {
+            edits.push((span, None));
+        }
+        edits.sort_by_key(|(span, _)| span.start);
+        let mut out = Vec::with_capacity(sent.len() + model.len() + 12);
+        let mut at = 0;
+        if !has_model {
+            // No model field: one goes first, so the rest is copied as it came.
+            at = sent.iter().position(|b| *b == b'{').map_or(0, |i| i + 1);
+            out.extend_from_slice(b"{\"model\":");
+            json::write_str(&mut out, model);
+            out.push(b',');
+        }
+        let first_entry = out.len();
+        for (span, replacement) in edits {
+            out.extend_from_slice(&sent[at..span.start]);
+            if let Some(text) = replacement {
+                json::write_str(&mut out, text);
+            }
+            at = span.end;
+        }
+        out.extend_from_slice(&sent[at..]);
+        if !has_model && out[first_entry..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}')
+        {
+            // The object had nothing else: no comma after the model.
+            out.remove(first_entry - 1);
+        }
+        out
+    }
+}
+
+/// Where `part`, a slice of `whole` that serde borrowed, lies in it.
+fn span_in(whole: &[u8], part: &str) -> Range<usize> {
+    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
+    start..start + part.len()
+}
+
+/// The entry `"key": value` whose value is at `value`, with one comma beside it, so that what
+/// remains is still an object. `None` if the key is not written plainly before it.
+fn entry_span(sent: &[u8], value: Range<usize>, key: &str) -> Option<Range<usize>> {
+    let before_value = sent[..value.start].trim_ascii_end();
+    let before_colon = before_value.strip_suffix(b":")?.trim_ascii_end();
+    // The key is the last string before the colon; ending in `"key"`, it is that key (a longer
+    // one ending so would contain an escaped quote, and serde would not have read it as `key`).
+    let quoted_len = key.len() + 2;
+    let key_start = before_colon.len().checked_sub(quoted_len)?;
+    let quoted = &before_colon[key_start..];
+    if quoted.first() != Some(&b'"')
+        || quoted.last() != Some(&b'"')
+        || &quoted[1..quoted_len - 1] != key.as_bytes()
+    {
+        return None;
+    }
+    let after = &sent[value.end..];
+    let after_trimmed = after.trim_ascii_start();
+    if after_trimmed.first() == Some(&b',') {
+        let comma = value.end + (after.len() - after_trimmed.len());
+        return Some(key_start..comma + 1);
+    }
+    let head = sent[..key_start].trim_ascii_end();
+    if head.last() == Some(&b',') {
+        return Some(head.len() - 1..value.end);
+    }
+    Some(key_start..value.end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sent(body: &str) -> RelayedObject {
+        RelayedObject::from_bytes(Bytes::from(body.to_owned())).expect("an object")
+    }
+
+    fn relabelled(object: RelayedObject) -> Value {
+        serde_json::from_slice(&object.into_body("client \"model\"")).expect("valid JSON")
+    }
+
+    #[test]
+    fn the_model_is_replaced_and_everything_else_kept_in_order() {
+        let body = r#"{"id":"x","model" : "gpt-4o-2024" ,"choices":[{"message":{"content":"hi"}}],"z":1,"a":2}"#;
+        let out = relabelled(sent(body));
+        assert_eq!(out["model"], "client \"model\"");
+        assert_eq!(out["choices"][0]["message"]["content"], "hi");
+        let keys: Vec<_> = out.as_object().expect("object").keys().cloned().collect();
+        assert_eq!(keys, ["id", "model", "choices", "z", "a"]);
+    }
+
+    #[test]
+    fn a_missing_or_null_model_is_set_once() {
+        assert_eq!(relabelled(sent("{}")), json!({"model": "client \"model\""}));
+        assert_eq!(
+            relabelled(sent(r#" { "id": "x" }"#)),
+            json!({"model": "client \"model\"", "id": "x"})
+        );
+        let null = sent(r#"{"model":null,"id":"x"}"#).into_body("c");
+        assert_eq!(null, br#"{"model":"c","id":"x"}"#);
+    }
+
+    #[test]
+    fn usage_is_read_without_parsing_the_rest() {
+        let object = sent(
+            r#"{"model":"m","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#,
+        );
+        assert_eq!(object.usage().map(|u| u.total_tokens), Some(7));
+        assert!(sent(r#"{"model":"m","usage":"lots"}"#).usage().is_none());
+        assert!(sent(r#"{"model":"m","usage":null}"#).usage().is_none());
+    }
+
+    #[test]
+    fn usage_is_dropped_wherever_it_stands() {
+        let cases = [
+            (
+                r#"{"usage":null,"id":"x"}"#,
+                json!({"model": "c", "id": "x"}),
+            ),
+            (
+                r#"{"id":"x" , "usage" : {"total_tokens":1} }"#,
+                json!({"model": "c", "id": "x"}),
+            ),
+            (
+                r#"{"id":"x","usage":null,"model":"m"}"#,
+                json!({"id": "x", "model": "c"}),
+            ),
+            (r#"{"usage":null}"#, json!({"model": "c"})),
+            (r#"{"model":"m","usage":null}"#, json!({"model": "c"})),
+            // An escaped key is found by the parse instead.
+            (
+                r#"{"id":"x","\u0075sage":null}"#,
+                json!({"id": "x", "model": "c"}),
+            ),
+        ];
+        for (body, expected) in cases {
+            let mut object = sent(body);
+            object.drop_usage();
+            let out: Value = serde_json::from_slice(&object.into_body("c")).expect(body);
+            assert_eq!(out, expected, "{body}");
+        }
+    }
+
+    #[test]
+    fn chunks_say_whether_they_carry_only_usage_or_a_finish() {
+        let usage_chunk = sent(r#"{"choices": [ ],"usage":{"total_tokens":2}}"#);
+        assert!(usage_chunk.is_usage_only());
+        let azure_opening = sent(r#"{"choices":[],"usage":null}"#);
+        assert!(!azure_opening.is_usage_only());
+        let delta = sent(r#"{"choices":[{"delta":{"content":"a"},"finish_reason":null}]}"#);
+        assert!(!delta.has_finish_reason());
+        let last = sent(r#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#);
+        assert!(last.has_finish_reason());
+        let failed = sent(r#"{"error":{"message":"boom"}}"#);
+        assert_eq!(failed.error(), Some(json!({"message": "boom"})));
+        assert_eq!(delta.error(), None);
+    }
+
+    #[test]
+    fn repeated_fields_and_non_objects_take_the_full_parse() {
+        let out: Value =
+            serde_json::from_slice(&sent(r#"{"model":"a","model":"b","id":1}"#).into_body("c"))
+                .expect("json");
+        assert_eq!(out, json!({"model": "c", "id": 1}));
+        let odd_choices = sent(r#"{"choices":{"x":1}}"#);
+        assert!(!odd_choices.has_finish_reason());
+        for bad in ["[1, 2]", "\"text\"", "{\"model\": ", ""] {
+            assert!(
+                RelayedObject::from_bytes(Bytes::from(bad)).is_err(),
+                "{bad:?} is not an object"
+            );
+        }
+    }
+
+    #[test]
+    fn an_object_parsed_for_a_guardrail_is_written_from_the_object() {
+        let mut object = sent(
+            r#"{"model":"m","usage":null,"choices":[{"index":0,"message":{"content":"secret"}}]}"#,
+        );
+        object.drop_usage();
+        object
+            .object_mut()
+            .expect("parses")
+            .insert("note".into(), json!("added"));
+        let out = relabelled(object);
+        assert_eq!(out["note"], "added");
+        assert_eq!(out["model"], "client \"model\"");
+        assert!(out.get("usage").is_none());
+    }
+}
