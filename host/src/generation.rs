@@ -101,7 +101,10 @@ impl Generation {
         }
         let mut guardrails = Vec::new();
         let mut enrichers: Vec<Arc<dyn Enricher>> = Vec::new();
-        let mut hooks: Vec<Arc<dyn CallHook>> = vec![Arc::new(LogHook)];
+        let mut hooks: Vec<Arc<dyn CallHook>> = Vec::new();
+        if LogHook::wanted() {
+            hooks.push(Arc::new(LogHook));
+        }
         for (plugin, settings) in plugins.iter().zip(&config.plugins.enabled) {
             if plugin.is_guardrail() {
                 guardrails.push(GuardrailSlot {

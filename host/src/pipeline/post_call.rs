@@ -107,6 +107,12 @@ async fn run_hooks(hooks: &Hooks, record: &CallRecord) {
 pub struct LogHook;
 
 impl LogHook {
+    /// Whether the log filter lets its line through. When it does not, a call with no other
+    /// hooks builds no record and wakes no worker.
+    pub fn wanted() -> bool {
+        tracing::enabled!(target: "portcullis::calls", tracing::Level::INFO)
+    }
+
     fn log(record: &CallRecord) {
         let usage = record.usage.unwrap_or_default();
         tracing::info!(

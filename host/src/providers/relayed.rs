@@ -92,7 +92,16 @@ impl RelayedObject {
         let Some(peek) = peek else {
             return serde_json::from_slice(&sent).map(RelayedObject::from_object);
         };
-        let span = |present: Present<'_>| present.0.map(|raw| span_in(&sent, raw.get()));
+        // serde borrows raw values from the input; were one ever not, the parse decides.
+        let span = |present: &Present<'_>| match present.0 {
+            None => Ok(None),
+            Some(raw) => span_in(&sent, raw.get()).map(Some).ok_or(()),
+        };
+        let (Ok(model), Ok(usage), Ok(error)) =
+            (span(&peek.model), span(&peek.usage), span(&peek.error))
+        else {
+            return serde_json::from_slice(&sent).map(RelayedObject::from_object);
+        };
         let usage_raw = peek.usage.0.map(RawValue::get);
         let usage_is_object = usage_raw.is_some_and(|raw| raw.starts_with('{'));
         let choices = peek.choices;
@@ -107,9 +116,9 @@ impl RelayedObject {
                     .finish_reason
                     .is_some_and(|reason| reason.get() != "null")
             }),
-            model: span(peek.model),
-            usage: span(peek.usage),
-            error: span(peek.error),
+            model,
+            usage,
+            error,
             dropped: None,
         };
         Ok(RelayedObject {
@@ -244,10 +253,11 @@ impl RelayedObject {
     }
 }
 
-/// Where `part`, a slice of `whole` that serde borrowed, lies in it.
-fn span_in(whole: &[u8], part: &str) -> Range<usize> {
-    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
-    start..start + part.len()
+/// Where `part`, a slice of `whole` that serde borrowed, lies in it; `None` if it is not in it.
+fn span_in(whole: &[u8], part: &str) -> Option<Range<usize>> {
+    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= whole.len()).then_some(start..end)
 }
 
 /// The entry `"key": value` whose value is at `value`, with one comma beside it, so that what
@@ -351,6 +361,40 @@ mod tests {
             object.drop_usage();
             let out: Value = serde_json::from_slice(&object.into_body("c")).expect(body);
             assert_eq!(out, expected, "{body}");
+        }
+    }
+
+    #[test]
+    fn the_byte_path_agrees_with_the_object_path() {
+        let bodies = [
+            r#"{"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"a\"b"},"finish_reason":null}],"usage":null}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3},"model":"m"}"#,
+            "{\n  \"usage\" : null ,\n  \"model\" : \"m\"\n}",
+            r#"{"id":"x","choices":[{"finish_reason":"stop","index":0}],"created":1}"#,
+            r#"{"model":"\u006d","text":"\ud83d\ude00","usage":{"total_tokens":"odd"}}"#,
+        ];
+        for body in bodies {
+            for drop in [false, true] {
+                let mut by_bytes = sent(body);
+                let mut by_object =
+                    RelayedObject::from_object(serde_json::from_str(body).expect(body));
+                assert_eq!(by_bytes.usage(), by_object.usage(), "{body}");
+                assert_eq!(
+                    by_bytes.is_usage_only(),
+                    by_object.is_usage_only(),
+                    "{body}"
+                );
+                assert_eq!(
+                    by_bytes.has_finish_reason(),
+                    by_object.has_finish_reason(),
+                    "{body}"
+                );
+                if drop {
+                    by_bytes.drop_usage();
+                    by_object.drop_usage();
+                }
+                assert_eq!(relabelled(by_bytes), relabelled(by_object), "{body} {drop}");
+            }
         }
     }
 
