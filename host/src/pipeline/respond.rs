@@ -225,7 +225,10 @@ fn client_stream(
                         if chunk.is_usage_only() {
                             continue;
                         }
-                        chunk.drop_usage();
+                        if let Err(e) = chunk.drop_usage() {
+                            let err = not_an_object(e);
+                            return Some((Ok(Frame::data(state.fail(err))), state));
+                        }
                     }
                     let model = &end.call.requested_model;
                     let json = match state.guards.as_mut() {
@@ -235,12 +238,7 @@ fn client_stream(
                             let mut object = match chunk.into_object() {
                                 Ok(object) => object,
                                 Err(e) => {
-                                    let err = GatewayError::Upstream {
-                                        status: StatusCode::BAD_GATEWAY,
-                                        message: format!(
-                                            "the upstream sent a stream chunk that is not a JSON object: {e}"
-                                        ),
-                                    };
+                                    let err = not_an_object(e);
                                     return Some((Ok(Frame::data(state.fail(err))), state));
                                 }
                             };
@@ -282,6 +280,14 @@ fn client_stream(
             }
         }
     })
+}
+
+/// A chunk that needed a parse and did not survive it.
+fn not_an_object(e: serde_json::Error) -> GatewayError {
+    GatewayError::Upstream {
+        status: StatusCode::BAD_GATEWAY,
+        message: format!("the upstream sent a stream chunk that is not a JSON object: {e}"),
+    }
 }
 
 struct StreamState {

@@ -46,15 +46,21 @@ pub(super) struct ChunkDecoder;
 
 impl StreamDecoder for ChunkDecoder {
     fn decode(&mut self, event: SseEvent) -> Result<Decoded, ProviderError> {
-        if event.data.trim() == "[DONE]" {
+        let data = event.data.trim();
+        if data == "[DONE]" {
             return Ok(Decoded::Done);
         }
-        let chunk = RelayedObject::from_bytes(Bytes::from(event.data)).map_err(|e| {
+        let bytes = match data.len() == event.data.len() {
+            true => Bytes::from(event.data),
+            false => Bytes::copy_from_slice(data.as_bytes()),
+        };
+        let not_an_object = |e: serde_json::Error| {
             ProviderError::Protocol(format!(
                 "the upstream sent a stream chunk that is not a JSON object: {e}"
             ))
-        })?;
-        if let Some(error) = chunk.error() {
+        };
+        let chunk = RelayedObject::from_bytes(bytes).map_err(not_an_object)?;
+        if let Some(error) = chunk.error().map_err(not_an_object)? {
             return Err(ProviderError::Status {
                 status: http::StatusCode::BAD_GATEWAY,
                 message: super::client::error_message_of(&error),

@@ -10,6 +10,9 @@
 use std::ops::Range;
 
 use bytes::Bytes;
+use std::borrow::Cow;
+
+use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -49,14 +52,41 @@ struct Peek<'a> {
     usage: Present<'a>,
     #[serde(borrow, default)]
     error: Present<'a>,
-    #[serde(borrow, default)]
-    choices: Option<Vec<ChoicePeek<'a>>>,
+    #[serde(default)]
+    choices: Option<Vec<ChoicePeek>>,
 }
 
-#[derive(Deserialize)]
-struct ChoicePeek<'a> {
-    #[serde(borrow, default)]
-    finish_reason: Option<&'a RawValue>,
+/// Whether a choice has a non-null `finish_reason`. Read from an object only: a derived struct
+/// would also read one from an array.
+struct ChoicePeek {
+    finished: bool,
+}
+
+impl<'de> Deserialize<'de> for ChoicePeek {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Choice;
+        impl<'de> Visitor<'de> for Choice {
+            type Value = ChoicePeek;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a choice object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ChoicePeek, A::Error> {
+                let mut finished = false;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == "finish_reason" {
+                        // The last of repeated keys counts, as in a parsed object.
+                        finished = map.next_value::<&RawValue>()?.get() != "null";
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(ChoicePeek { finished })
+            }
+        }
+        deserializer.deserialize_map(Choice)
+    }
 }
 
 /// A field's raw value if the field is there, `null` included (an `Option` would read `null` as
@@ -85,10 +115,10 @@ impl RelayedObject {
         let starts_as_object = sent.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
         // A struct also reads from an array, and refuses a repeated field or a `choices` that
         // is not a list; in each case the full parse decides (and names any problem).
-        let peek = match starts_as_object {
-            true => serde_json::from_slice::<Peek<'_>>(&sent).ok(),
-            false => None,
-        };
+        // Skipped strings are not checked for UTF-8; the client must never get bytes that are
+        // not text.
+        let text = std::str::from_utf8(&sent).ok().filter(|_| starts_as_object);
+        let peek = text.and_then(|text| serde_json::from_str::<Peek<'_>>(text).ok());
         let Some(peek) = peek else {
             return serde_json::from_slice(&sent).map(RelayedObject::from_object);
         };
@@ -104,18 +134,20 @@ impl RelayedObject {
         };
         let usage_raw = peek.usage.0.map(RawValue::get);
         let usage_is_object = usage_raw.is_some_and(|raw| raw.starts_with('{'));
+        // Through a value, as the object path reads it (a repeated key: the last counts).
+        let usage_value = match usage_raw.filter(|_| usage_is_object) {
+            None => None,
+            Some(raw) => match serde_json::from_str::<Value>(raw) {
+                Ok(value) => Some(value),
+                Err(_) => return serde_json::from_slice(&sent).map(RelayedObject::from_object),
+            },
+        };
         let choices = peek.choices;
         let fields = SentFields {
-            parsed_usage: usage_raw
-                .filter(|_| usage_is_object)
-                .and_then(|raw| serde_json::from_str::<Usage>(raw).ok()),
+            parsed_usage: usage_value.and_then(|value| Usage::deserialize(&value).ok()),
             usage_is_object,
             no_choices: choices.as_ref().is_some_and(Vec::is_empty),
-            finished: choices.iter().flatten().any(|choice| {
-                choice
-                    .finish_reason
-                    .is_some_and(|reason| reason.get() != "null")
-            }),
+            finished: choices.iter().flatten().any(|choice| choice.finished),
             model,
             usage,
             error,
@@ -161,32 +193,30 @@ impl RelayedObject {
         }
     }
 
-    /// The `error` field, if there is one.
-    pub fn error(&self) -> Option<Value> {
-        match &self.object {
-            Some(object) => object.get("error").cloned(),
-            None => {
-                let span = self.fields.error.clone()?;
-                serde_json::from_slice(&self.sent[span]).ok()
-            }
+    /// The `error` field, if there is one; an error that cannot be read is an error too.
+    pub fn error(&self) -> Result<Option<Value>, serde_json::Error> {
+        match (&self.object, &self.fields.error) {
+            (Some(object), _) => Ok(object.get("error").cloned()),
+            (None, Some(span)) => serde_json::from_slice(&self.sent[span.clone()]).map(Some),
+            (None, None) => Ok(None),
         }
     }
 
-    /// Leaves `usage` out of what the client gets.
-    pub fn drop_usage(&mut self) {
+    /// Leaves `usage` out of what the client gets; fails only if that needs a parse that fails,
+    /// and then nothing may be sent.
+    pub fn drop_usage(&mut self) -> Result<(), serde_json::Error> {
         if self.object.is_none() {
             let Some(value) = self.fields.usage.clone() else {
-                return;
+                return Ok(());
             };
             if let Some(entry) = entry_span(&self.sent, value, "usage") {
                 self.fields.dropped = Some(entry);
-                return;
+                return Ok(());
             }
         }
         // Written in a way the byte search does not follow (an escaped key): parse it.
-        if let Ok(object) = self.object_mut() {
-            object.shift_remove("usage");
-        }
+        self.object_mut()?.shift_remove("usage");
+        Ok(())
     }
 
     /// The object, parsed now if it was not yet.
@@ -358,7 +388,7 @@ mod tests {
         ];
         for (body, expected) in cases {
             let mut object = sent(body);
-            object.drop_usage();
+            object.drop_usage().expect("drops");
             let out: Value = serde_json::from_slice(&object.into_body("c")).expect(body);
             assert_eq!(out, expected, "{body}");
         }
@@ -390,12 +420,31 @@ mod tests {
                     "{body}"
                 );
                 if drop {
-                    by_bytes.drop_usage();
-                    by_object.drop_usage();
+                    by_bytes.drop_usage().expect("drops");
+                    by_object.drop_usage().expect("drops");
                 }
                 assert_eq!(relabelled(by_bytes), relabelled(by_object), "{body} {drop}");
             }
         }
+    }
+
+    #[test]
+    fn what_a_skipping_pass_cannot_check_is_never_relayed_unchecked() {
+        // Bytes that are not UTF-8 are not JSON, wherever they are.
+        let not_text = b"{\"model\":\"m\",\"choices\":[{\"message\":{\"content\":\"a\xffb\"}}]}";
+        assert!(RelayedObject::from_bytes(Bytes::from_static(not_text)).is_err());
+        // A usage under an escaped key, in a body the parse refuses: nothing may go out.
+        let mut escaped = sent(r#"{"id":"x","\u0075sage":{"total_tokens":5},"n":1e400}"#);
+        assert!(escaped.drop_usage().is_err());
+        // An error that cannot be read is still an error.
+        assert!(sent(r#"{"error":"\ud800","model":"m"}"#).error().is_err());
+        // A choice written as an array is no choice, as in a parsed object.
+        assert!(!sent(r#"{"choices":[["stop"]]}"#).has_finish_reason());
+        // A repeated key inside usage: the last counts, as in a parsed object.
+        let twice = sent(
+            r#"{"model":"m","usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":1,"total_tokens":2}}"#,
+        );
+        assert_eq!(twice.usage().map(|u| u.total_tokens), Some(2));
     }
 
     #[test]
@@ -409,8 +458,11 @@ mod tests {
         let last = sent(r#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#);
         assert!(last.has_finish_reason());
         let failed = sent(r#"{"error":{"message":"boom"}}"#);
-        assert_eq!(failed.error(), Some(json!({"message": "boom"})));
-        assert_eq!(delta.error(), None);
+        assert_eq!(
+            failed.error().expect("reads"),
+            Some(json!({"message": "boom"}))
+        );
+        assert_eq!(delta.error().expect("reads"), None);
     }
 
     #[test]
@@ -434,7 +486,7 @@ mod tests {
         let mut object = sent(
             r#"{"model":"m","usage":null,"choices":[{"index":0,"message":{"content":"secret"}}]}"#,
         );
-        object.drop_usage();
+        object.drop_usage().expect("drops");
         object
             .object_mut()
             .expect("parses")
