@@ -120,7 +120,7 @@ impl RelayedObject {
         let text = std::str::from_utf8(&sent).ok().filter(|_| starts_as_object);
         let peek = text.and_then(|text| serde_json::from_str::<Peek<'_>>(text).ok());
         let Some(peek) = peek else {
-            return serde_json::from_slice(&sent).map(RelayedObject::from_object);
+            return parsed(&sent);
         };
         // serde borrows raw values from the input; were one ever not, the parse decides.
         let span = |present: &Present<'_>| match present.0 {
@@ -130,7 +130,7 @@ impl RelayedObject {
         let (Ok(model), Ok(usage), Ok(error)) =
             (span(&peek.model), span(&peek.usage), span(&peek.error))
         else {
-            return serde_json::from_slice(&sent).map(RelayedObject::from_object);
+            return parsed(&sent);
         };
         let usage_raw = peek.usage.0.map(RawValue::get);
         let usage_is_object = usage_raw.is_some_and(|raw| raw.starts_with('{'));
@@ -139,7 +139,7 @@ impl RelayedObject {
             None => None,
             Some(raw) => match serde_json::from_str::<Value>(raw) {
                 Ok(value) => Some(value),
-                Err(_) => return serde_json::from_slice(&sent).map(RelayedObject::from_object),
+                Err(_) => return parsed(&sent),
             },
         };
         let choices = peek.choices;
@@ -281,6 +281,11 @@ impl RelayedObject {
         }
         out
     }
+}
+
+/// The full parse: for whatever the borrowing pass cannot vouch for; it names any problem.
+fn parsed(sent: &[u8]) -> Result<RelayedObject, serde_json::Error> {
+    serde_json::from_slice(sent).map(RelayedObject::from_object)
 }
 
 /// Where `part`, a slice of `whole` that serde borrowed, lies in it; `None` if it is not in it.
