@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use serde_json::json;
 
-use crate::providers::ProviderError;
+use crate::providers::{ProviderError, UnreadableBody};
 
 /// What went wrong, in the terms a client of the OpenAI API understands.
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +175,12 @@ impl GatewayError {
             }
             _ => Vec::new(),
         }
+    }
+}
+
+impl From<UnreadableBody> for GatewayError {
+    fn from(error: UnreadableBody) -> Self {
+        GatewayError::invalid(error.to_string(), None)
     }
 }
 

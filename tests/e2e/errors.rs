@@ -63,6 +63,50 @@ async fn invalid_json_and_non_object_bodies_are_400() {
     assert_eq!(upstream.request_count(), 0);
 }
 
+/// A checked body is relayed to an OpenAI upstream as the client wrote it. Where the gateway must
+/// read all of it (a dialect it translates, the built-in mock), JSON that serde cannot hold is the
+/// client's mistake: a 400, with the upstream never called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_are_relayed_as_written_and_read_whole_only_where_needed() {
+    let upstream = MockUpstream::start().await;
+    let gateway = errors_gateway(&upstream).await;
+    let body = |model: &str, knob: &str| {
+        format!(
+            r#"{{"model": "{model}", "messages": [{{"role": "user", "content": "hi"}}],
+                "vendor_knob": {knob}, "spacing" :  [ 1 ,2 ]}}"#
+        )
+    };
+    let as_written = body("gpt-4o-mini", "1.50e0");
+    let relayed =
+        client::post_raw(&chat_url(&gateway), MASTER, "application/json", as_written).await;
+    assert_eq!(relayed.status, 200, "{}", relayed.text());
+    let sent = upstream.last_request().expect("the upstream was called");
+    let sent = String::from_utf8_lossy(&sent.raw_body).into_owned();
+    assert!(
+        sent.contains(r#""model": "gpt-4o-mini-2024-07-18""#),
+        "{sent}"
+    );
+    assert!(
+        sent.contains(r#""vendor_knob": 1.50e0, "spacing" :  [ 1 ,2 ]"#),
+        "{sent}"
+    );
+    upstream.clear_requests();
+    for model in ["claude", "echo"] {
+        let response = client::post_raw(
+            &chat_url(&gateway),
+            MASTER,
+            "application/json",
+            body(model, "1e400"),
+        )
+        .await;
+        let error = assert_error(&response, 400, "invalid_request_error");
+        let message = error["message"].as_str().unwrap_or_default();
+        assert!(message.contains("not valid JSON"), "{model}: {error}");
+        assert_no_retry(&response);
+    }
+    assert_eq!(upstream.request_count(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_errors_name_the_field() {
     let upstream = MockUpstream::start().await;

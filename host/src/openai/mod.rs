@@ -1,5 +1,6 @@
 //! The client-facing wire format: OpenAI's request bodies, checked once into [`ApiRequest`].
 
+mod borrowed_chat;
 mod request;
 mod response;
 

@@ -3,21 +3,19 @@
 //! The body stays a JSON object: only the fields the gateway acts on are checked and copied out, so
 //! **unknown fields reach the upstream unchanged**.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use serde_json::Value;
 
 use crate::error::GatewayError;
-use crate::providers::{Endpoint, JsonObject};
+use crate::providers::{Endpoint, JsonObject, RequestBody, UnreadableBody};
 
 /// A request body that passed its route's checks.
 #[derive(Debug, Clone)]
 pub struct ApiRequest {
     pub endpoint: Endpoint,
-    /// The client's body as sent (less the gateway's own fields, such as `guardrails`). Shared,
-    /// because plugins may read it while the call is routed.
-    pub body: Arc<JsonObject>,
+    /// The client's body as sent (less the gateway's own fields, such as `guardrails`). Cheap to
+    /// clone, because plugins may read it while the call is routed.
+    pub body: RequestBody,
     /// The model the client asked for: a model group's name.
     pub model: String,
     pub stream: bool,
@@ -29,6 +27,7 @@ pub struct ApiRequest {
     pub metadata: JsonObject,
     /// Guardrails the request asks for by name, besides the default ones.
     pub guardrails: Vec<String>,
+    pub(super) max_output_tokens: u64,
 }
 
 /// The text of one message (or prompt, or embedding input), as plugins see it.
@@ -50,6 +49,19 @@ fn bad(param: &str, message: impl std::fmt::Display) -> GatewayError {
 impl ApiRequest {
     /// Parses `bytes` as the body of `endpoint`.
     pub fn parse(endpoint: Endpoint, bytes: &Bytes) -> Result<ApiRequest, GatewayError> {
+        if endpoint == Endpoint::ChatCompletions {
+            if let Some(request) = super::borrowed_chat::check(bytes) {
+                return Ok(request);
+            }
+        }
+        ApiRequest::parse_whole(endpoint, bytes)
+    }
+
+    /// Parses all of `bytes`, then checks it: what decides every body the borrowing pass does not.
+    pub(super) fn parse_whole(
+        endpoint: Endpoint,
+        bytes: &Bytes,
+    ) -> Result<ApiRequest, GatewayError> {
         let value: Value = serde_json::from_slice(bytes).map_err(|e| {
             GatewayError::invalid(format!("the request body is not valid JSON: {e}"), None)
         })?;
@@ -120,30 +132,33 @@ impl ApiRequest {
             Some(Value::Object(m)) => m.clone(),
             Some(_) => return Err(bad("metadata", "must be an object")),
         };
+        let max_output_tokens = ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .find_map(|field| body.get(*field).and_then(Value::as_u64))
+            .unwrap_or(0);
         Ok(ApiRequest {
             endpoint,
-            body: Arc::new(body),
+            body: RequestBody::from_object(body),
             model,
             stream,
             include_usage,
             user,
             metadata,
             guardrails,
+            max_output_tokens,
         })
     }
 
     /// The most tokens the client lets the answer have (`max_completion_tokens` or the older
     /// `max_tokens`), 0 if it sets no bound.
     pub fn max_output_tokens(&self) -> u64 {
-        ["max_completion_tokens", "max_tokens"]
-            .iter()
-            .find_map(|field| self.body.get(*field).and_then(serde_json::Value::as_u64))
-            .unwrap_or(0)
+        self.max_output_tokens
     }
 
     /// The texts a plugin checks: chat messages, a completion's prompts, or embedding inputs
     /// (the last two as user messages, in order).
-    pub fn texts(&self) -> Vec<TextView> {
+    pub fn texts(&self) -> Result<Vec<TextView>, UnreadableBody> {
+        let body = self.body.object()?;
         let user = |content: String| TextView {
             role: "user".into(),
             content,
@@ -152,13 +167,13 @@ impl ApiRequest {
         };
         let field = match self.endpoint {
             Endpoint::ChatCompletions => {
-                let messages = self.body.get("messages").and_then(Value::as_array);
-                return messages.into_iter().flatten().map(message_view).collect();
+                let messages = body.get("messages").and_then(Value::as_array);
+                return Ok(messages.into_iter().flatten().map(message_view).collect());
             }
             Endpoint::Completions => "prompt",
             Endpoint::Embeddings => "input",
         };
-        match self.body.get(field) {
+        Ok(match body.get(field) {
             Some(Value::String(text)) => vec![user(text.clone())],
             Some(Value::Array(items)) => items
                 .iter()
@@ -170,12 +185,12 @@ impl ApiRequest {
                 })
                 .collect(),
             _ => Vec::new(),
-        }
+        })
     }
 
     /// The body with the texts at these indices (as [`ApiRequest::texts`] numbers them) replaced.
-    pub fn with_texts(&self, rewrites: &[(usize, String)]) -> JsonObject {
-        let mut body = (*self.body).clone();
+    pub fn with_texts(&self, rewrites: &[(usize, String)]) -> Result<JsonObject, UnreadableBody> {
+        let mut body = JsonObject::clone(self.body.object()?);
         let field = match self.endpoint {
             Endpoint::ChatCompletions => "messages",
             Endpoint::Completions => "prompt",
@@ -198,7 +213,7 @@ impl ApiRequest {
                 _ => {}
             }
         }
-        body
+        Ok(body)
     }
 }
 
@@ -224,7 +239,7 @@ fn message_view(message: &Value) -> TextView {
     }
 }
 
-const ROLES: &[&str] = &[
+pub(super) const ROLES: &[&str] = &[
     "system",
     "developer",
     "user",
@@ -448,7 +463,7 @@ mod tests {
         assert!(req.stream && req.include_usage);
         assert_eq!(req.user.as_deref(), Some("u1"));
         assert_eq!(req.metadata["team"], "x");
-        assert_eq!(req.body["vendor_knob"], 7);
+        assert_eq!(req.body.object().expect("an object")["vendor_knob"], 7);
     }
 
     #[test]
@@ -522,7 +537,11 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(req.guardrails, vec!["pii".to_owned()]);
-        assert!(!req.body.contains_key("guardrails"));
+        assert!(!req
+            .body
+            .object()
+            .expect("an object")
+            .contains_key("guardrails"));
     }
 
     #[test]
@@ -534,9 +553,11 @@ mod tests {
                 {"role": "user", "content": [{"type": "text", "text": "mail a@b.co"}]}]}),
         )
         .expect("valid");
-        let texts = req.texts();
+        let texts = req.texts().expect("texts");
         assert_eq!(texts[1].content, "mail a@b.co");
-        let body = req.with_texts(&[(1, "mail [EMAIL]".into())]);
+        let body = req
+            .with_texts(&[(1, "mail [EMAIL]".into())])
+            .expect("rewritten");
         assert_eq!(body["messages"][1]["content"], "mail [EMAIL]");
         assert_eq!(body["messages"][0]["content"], "be brief");
         let embed = parse(
@@ -544,9 +565,9 @@ mod tests {
             json!({"model": "m", "input": ["a", "b"]}),
         )
         .expect("valid");
-        assert_eq!(embed.texts().len(), 2);
+        assert_eq!(embed.texts().expect("texts").len(), 2);
         assert_eq!(
-            embed.with_texts(&[(1, "c".into())])["input"],
+            embed.with_texts(&[(1, "c".into())]).expect("rewritten")["input"],
             json!(["a", "c"])
         );
     }

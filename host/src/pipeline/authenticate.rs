@@ -151,7 +151,7 @@ fn static_key<'h>(keys: &KeyTable, headers: &'h HeaderMap) -> Result<Lookup<'h>,
 pub async fn admit(
     governance: Option<&Governance>,
     call: &mut crate::call::Call,
-    prompt_tokens: impl FnOnce() -> u64,
+    prompt_tokens: impl FnOnce() -> Result<u64, GatewayError>,
 ) -> Result<(), GatewayError> {
     let (Some(governance), Some(principal)) = (governance, call.principal.clone()) else {
         return Ok(());
@@ -160,7 +160,7 @@ pub async fn admit(
         return Ok(());
     };
     let tokens = if governed.limits_tokens() {
-        prompt_tokens()
+        prompt_tokens()?
     } else {
         0
     };

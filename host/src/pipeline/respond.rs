@@ -144,11 +144,10 @@ fn add_headers(
         OVERHEAD_DURATION,
         &fixed_point(call.overhead().as_secs_f64() * 1000.0, 3),
     );
-    put(
-        ATTEMPTED_RETRIES,
-        &call.attempts.saturating_sub(1).to_string(),
-    );
-    put(ATTEMPTED_FALLBACKS, &call.fallbacks.to_string());
+    // Numbers need no check, nor a string first.
+    let retries = HeaderValue::from(call.attempts.saturating_sub(1));
+    headers.insert(ATTEMPTED_RETRIES, retries);
+    headers.insert(ATTEMPTED_FALLBACKS, HeaderValue::from(call.fallbacks));
     add_key_headers(response, call);
 }
 

@@ -55,7 +55,7 @@ pub async fn route(
     let router = &generation.router;
     let settings = &router.settings;
     let estimated_tokens = if router.strategy().uses_token_estimate() {
-        estimate_prompt_tokens(request)
+        estimate_prompt_tokens(request)?
     } else {
         0
     };
@@ -166,9 +166,9 @@ async fn attempt(
 }
 
 /// A prompt-size estimate, for usage-aware routing and token rate limits.
-pub fn estimate_prompt_tokens(request: &ApiRequest) -> u64 {
-    let body = &request.body;
-    match body.get("messages").and_then(|m| m.as_array()) {
+pub fn estimate_prompt_tokens(request: &ApiRequest) -> Result<u64, GatewayError> {
+    let body = request.body.object()?;
+    Ok(match body.get("messages").and_then(|m| m.as_array()) {
         Some(messages) => messages
             .iter()
             .map(|m| {
@@ -186,5 +186,5 @@ pub fn estimate_prompt_tokens(request: &ApiRequest) -> u64 {
                 other => tokens::estimate(&other.to_string()),
             })
             .sum(),
-    }
+    })
 }

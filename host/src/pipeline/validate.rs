@@ -1,5 +1,6 @@
 //! Stage 2: read the body (within the size limit) and check it against the route's schema.
-//! **The body is parsed once**, here.
+//! **The body is checked once**, here; it is parsed into an object at most once, when a later
+//! stage first reads all of it.
 
 use bytes::Bytes;
 use http::HeaderMap;

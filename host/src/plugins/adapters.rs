@@ -17,7 +17,7 @@ use crate::providers::JsonObject;
 fn scope(call: &Call, request: &ApiRequest) -> CallScope {
     CallScope {
         call_id: Some(call.id.clone()),
-        request_body: Some(Arc::clone(&request.body)),
+        request_body: Some(request.body.clone()),
     }
 }
 
@@ -64,7 +64,7 @@ impl Guardrail for WasmGuardrail {
         request: &'a ApiRequest,
     ) -> BoxFuture<'a, Result<Verdict, GatewayError>> {
         Box::pin(async move {
-            let view = v0_1::request(call, request);
+            let view = v0_1::request(call, request)?;
             match self.plugin.check_request(scope(call, request), &view).await {
                 Ok(guardrail::RequestVerdict::Allow) => Ok(Verdict::Allow),
                 Ok(guardrail::RequestVerdict::Block(reason)) => Ok(Verdict::Block { reason }),
@@ -73,7 +73,7 @@ impl Guardrail for WasmGuardrail {
                         .into_iter()
                         .map(|r| (r.index as usize, r.content))
                         .collect();
-                    Ok(Verdict::Rewrite(request.with_texts(&texts)))
+                    Ok(Verdict::Rewrite(request.with_texts(&texts)?))
                 }
                 Err(failure) => on_failure(failure, self.on_error, &call.id, Verdict::Allow),
             }
@@ -87,7 +87,7 @@ impl Guardrail for WasmGuardrail {
         response: &'a JsonObject,
     ) -> BoxFuture<'a, Result<ResponseVerdict, GatewayError>> {
         Box::pin(async move {
-            let view = v0_1::request(call, request);
+            let view = v0_1::request(call, request)?;
             let answer = v0_1::response(response);
             let verdict = self
                 .plugin
@@ -193,7 +193,7 @@ impl Enricher for WasmEnricher {
         request: &'a ApiRequest,
     ) -> BoxFuture<'a, Result<Enrichment, GatewayError>> {
         Box::pin(async move {
-            let view = v0_1::request(call, request);
+            let view = v0_1::request(call, request)?;
             match self.plugin.enrich(scope(call, request), &view).await {
                 Ok(Some(enrichment)) => Ok(convert_enrichment(enrichment)),
                 Ok(None) => Ok(Enrichment::default()),

@@ -10,7 +10,7 @@ use wasmtime_wasi::{
     FsPerms, HostMonotonicClock, HostWallClock, ResourceTable, WasiCtx, WasiCtxView, WasiView,
 };
 
-use crate::providers::JsonObject;
+use crate::providers::RequestBody;
 
 /// A directory grant, resolved to a host path.
 #[derive(Debug, Clone)]
@@ -32,7 +32,7 @@ pub struct Sandbox {
 #[derive(Debug, Clone, Default)]
 pub struct CallScope {
     pub call_id: Option<String>,
-    pub request_body: Option<Arc<JsonObject>>,
+    pub request_body: Option<RequestBody>,
 }
 
 /// The data of one store: one plugin instance serving one call.

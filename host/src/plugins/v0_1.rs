@@ -7,7 +7,7 @@ use super::store::StoreState;
 use crate::call::CallRecord;
 use crate::extension::Candidate;
 use crate::openai::{self, ApiRequest, TextView};
-use crate::providers::{JsonObject, Usage};
+use crate::providers::{JsonObject, UnreadableBody, Usage};
 
 wasmtime::component::bindgen!({
     path: "../plugin-sdk/wit/0.1.0",
@@ -73,24 +73,27 @@ impl self::portcullis::plugin::host::Host for StoreState {
             .scope
             .request_body
             .as_ref()
-            .and_then(|body| serde_json::to_string(&**body).ok()))
+            .and_then(|body| body.to_json().ok()))
     }
 }
 
 /// The request record plugins see.
-pub fn request(call: &crate::call::Call, request: &ApiRequest) -> types::Request {
-    types::Request {
+pub fn request(
+    call: &crate::call::Call,
+    request: &ApiRequest,
+) -> Result<types::Request, UnreadableBody> {
+    Ok(types::Request {
         call_id: call.id.clone(),
         endpoint: call.endpoint.name().to_owned(),
         model: call.model.clone(),
-        messages: request.texts().into_iter().map(message).collect(),
+        messages: request.texts()?.into_iter().map(message).collect(),
         stream: request.stream,
         key_alias: call.principal.as_ref().and_then(|p| p.alias.clone()),
         team: call.principal.as_ref().and_then(|p| p.team.clone()),
         end_user: call.end_user.clone(),
         metadata: serde_json::to_string(&call.metadata).unwrap_or_else(|_| "{}".into()),
         tags: call.tags.clone(),
-    }
+    })
 }
 
 /// The response record plugins see, from a whole OpenAI response.

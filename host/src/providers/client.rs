@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::{
     anthropic, azure, mock, openai, ChunkStream, Decoded, Endpoint, JsonObject, ProviderError,
-    ProviderKind, RelayedObject, Reply, StreamDecoder, Upstream,
+    ProviderKind, RelayedObject, Reply, RequestBody, StreamDecoder, Upstream,
 };
 use crate::sse::SseParser;
 
@@ -63,7 +63,7 @@ impl UpstreamClient {
         &self,
         upstream: &Upstream,
         endpoint: Endpoint,
-        body: &JsonObject,
+        body: &RequestBody,
         stream: bool,
     ) -> Result<Reply, ProviderError> {
         let secret = upstream.api_key.as_ref();
@@ -83,11 +83,11 @@ impl UpstreamClient {
         &self,
         upstream: &Upstream,
         endpoint: Endpoint,
-        body: &JsonObject,
+        body: &RequestBody,
         stream: bool,
     ) -> Result<Reply, ProviderError> {
         if upstream.kind == ProviderKind::Mock {
-            return mock::reply(upstream, endpoint, body, stream);
+            return mock::reply(upstream, endpoint, body.object()?, stream);
         }
         let request = build_request(upstream, endpoint, body, stream)?;
         let deadline = tokio::time::Instant::now() + upstream.timeout;
@@ -143,20 +143,20 @@ impl Default for UpstreamClient {
 fn build_request(
     upstream: &Upstream,
     endpoint: Endpoint,
-    body: &JsonObject,
+    body: &RequestBody,
     stream: bool,
 ) -> Result<Request<Full<Bytes>>, ProviderError> {
     let key = upstream.api_key.as_ref().map(|k| k.expose());
     let (url, bytes, auth): (String, Vec<u8>, Vec<(HeaderName, String)>) = match upstream.kind {
         ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::Mock => (
             openai::url(upstream, endpoint),
-            openai::body(upstream, body, stream),
+            openai::body(upstream, body, stream)?,
             key.map(|k| vec![(AUTHORIZATION, format!("Bearer {k}"))])
                 .unwrap_or_default(),
         ),
         ProviderKind::Azure => (
             azure::url(upstream, endpoint),
-            openai::body(upstream, body, stream),
+            openai::body(upstream, body, stream)?,
             key.map(|k| vec![(HeaderName::from_static("api-key"), k.to_owned())])
                 .unwrap_or_default(),
         ),
@@ -167,7 +167,7 @@ fn build_request(
                     endpoint.path()
                 )));
             }
-            let messages = anthropic::messages_body(body, &upstream.model, stream)?;
+            let messages = anthropic::messages_body(body.object()?, &upstream.model, stream)?;
             let bytes = serde_json::to_vec(&messages).map_err(|e| {
                 ProviderError::Protocol(format!("cannot encode the upstream request: {e}"))
             })?;

@@ -10,6 +10,7 @@ mod client;
 mod mock;
 mod openai;
 mod relayed;
+mod request_body;
 
 use std::fmt;
 use std::pin::Pin;
@@ -21,6 +22,7 @@ use serde::Deserialize;
 
 pub use client::UpstreamClient;
 pub use relayed::RelayedObject;
+pub use request_body::{RequestBody, SentSpans, UnreadableBody};
 
 /// A JSON object: request bodies, responses and stream chunks all travel as these, so fields we do
 /// not know about survive the trip.
@@ -142,6 +144,15 @@ pub enum ProviderError {
         message: String,
         param: Option<String>,
     },
+}
+
+impl From<UnreadableBody> for ProviderError {
+    fn from(error: UnreadableBody) -> Self {
+        ProviderError::InvalidRequest {
+            message: error.to_string(),
+            param: None,
+        }
+    }
 }
 
 impl ProviderError {

@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use super::{JsonObject, Usage};
 use crate::json;
+use crate::json::borrowed::{entry_span, span_in, splice, Present};
 
 #[derive(Debug, Clone)]
 pub struct RelayedObject {
@@ -89,17 +90,6 @@ impl<'de> Deserialize<'de> for ChoicePeek {
     }
 }
 
-/// A field's raw value if the field is there, `null` included (an `Option` would read `null` as
-/// absent, and a relabelled `"model": null` would then appear twice).
-#[derive(Default)]
-struct Present<'a>(Option<&'a RawValue>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Present<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        <&'de RawValue>::deserialize(deserializer).map(|raw| Present(Some(raw)))
-    }
-}
-
 impl RelayedObject {
     /// An object the gateway built (or translated from another dialect).
     pub fn from_object(object: JsonObject) -> RelayedObject {
@@ -134,17 +124,21 @@ impl RelayedObject {
         };
         let usage_raw = peek.usage.0.map(RawValue::get);
         let usage_is_object = usage_raw.is_some_and(|raw| raw.starts_with('{'));
-        // Through a value, as the object path reads it (a repeated key: the last counts).
-        let usage_value = match usage_raw.filter(|_| usage_is_object) {
+        let parsed_usage = match usage_raw.filter(|_| usage_is_object) {
             None => None,
-            Some(raw) => match serde_json::from_str::<Value>(raw) {
-                Ok(value) => Some(value),
-                Err(_) => return parsed(&sent),
+            // Read straight into its fields; a repeated key makes that fail, and then through a
+            // value, as the object path reads it (the last counts).
+            Some(raw) => match serde_json::from_str::<Usage>(raw) {
+                Ok(usage) => Some(usage),
+                Err(_) => match serde_json::from_str::<Value>(raw) {
+                    Ok(value) => Usage::deserialize(&value).ok(),
+                    Err(_) => return parsed(&sent),
+                },
             },
         };
         let choices = peek.choices;
         let fields = SentFields {
-            parsed_usage: usage_value.and_then(|value| Usage::deserialize(&value).ok()),
+            parsed_usage,
             usage_is_object,
             no_choices: choices.as_ref().is_some_and(Vec::is_empty),
             finished: choices.iter().flatten().any(|choice| choice.finished),
@@ -255,25 +249,21 @@ impl RelayedObject {
         if let Some(span) = self.fields.dropped {
             edits.push((span, None));
         }
-        edits.sort_by_key(|(span, _)| span.start);
         let mut out = Vec::with_capacity(sent.len() + model.len() + 12);
-        let mut at = 0;
+        let mut rest = sent;
         if !has_model {
             // No model field: one goes first, so the rest is copied as it came.
-            at = sent.iter().position(|b| *b == b'{').map_or(0, |i| i + 1);
+            let open = sent.iter().position(|b| *b == b'{').map_or(0, |i| i + 1);
+            rest = &sent[open..];
+            for (span, _) in &mut edits {
+                *span = span.start - open..span.end - open;
+            }
             out.extend_from_slice(b"{\"model\":");
             json::write_str(&mut out, model);
             out.push(b',');
         }
         let first_entry = out.len();
-        for (span, replacement) in edits {
-            out.extend_from_slice(&sent[at..span.start]);
-            if let Some(text) = replacement {
-                json::write_str(&mut out, text);
-            }
-            at = span.end;
-        }
-        out.extend_from_slice(&sent[at..]);
+        splice(rest, edits, &mut out);
         if !has_model && out[first_entry..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}')
         {
             // The object had nothing else: no comma after the model.
@@ -286,42 +276,6 @@ impl RelayedObject {
 /// The full parse: for whatever the borrowing pass cannot vouch for; it names any problem.
 fn parsed(sent: &[u8]) -> Result<RelayedObject, serde_json::Error> {
     serde_json::from_slice(sent).map(RelayedObject::from_object)
-}
-
-/// Where `part`, a slice of `whole` that serde borrowed, lies in it; `None` if it is not in it.
-fn span_in(whole: &[u8], part: &str) -> Option<Range<usize>> {
-    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
-    let end = start.checked_add(part.len())?;
-    (end <= whole.len()).then_some(start..end)
-}
-
-/// The entry `"key": value` whose value is at `value`, with one comma beside it, so that what
-/// remains is still an object. `None` if the key is not written plainly before it.
-fn entry_span(sent: &[u8], value: Range<usize>, key: &str) -> Option<Range<usize>> {
-    let before_value = sent[..value.start].trim_ascii_end();
-    let before_colon = before_value.strip_suffix(b":")?.trim_ascii_end();
-    // The key is the last string before the colon; ending in `"key"`, it is that key (a longer
-    // one ending so would contain an escaped quote, and serde would not have read it as `key`).
-    let quoted_len = key.len() + 2;
-    let key_start = before_colon.len().checked_sub(quoted_len)?;
-    let quoted = &before_colon[key_start..];
-    if quoted.first() != Some(&b'"')
-        || quoted.last() != Some(&b'"')
-        || &quoted[1..quoted_len - 1] != key.as_bytes()
-    {
-        return None;
-    }
-    let after = &sent[value.end..];
-    let after_trimmed = after.trim_ascii_start();
-    if after_trimmed.first() == Some(&b',') {
-        let comma = value.end + (after.len() - after_trimmed.len());
-        return Some(key_start..comma + 1);
-    }
-    let head = sent[..key_start].trim_ascii_end();
-    if head.last() == Some(&b',') {
-        return Some(head.len() - 1..value.end);
-    }
-    Some(key_start..value.end)
 }
 
 #[cfg(test)]

@@ -1,6 +1,9 @@
 //! Writing JSON on the request path: the bytes `serde_json` would write, faster. A string that
 //! needs no escaping (nearly every string in LLM traffic) is copied whole after one vectorised
-//! scan; `serde_json` walks it a byte at a time.
+//! scan; `serde_json` walks it a byte at a time. Reading it without building it is in
+//! [`borrowed`].
+
+pub mod borrowed;
 
 use serde_json::Value;
 
