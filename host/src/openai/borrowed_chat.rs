@@ -5,15 +5,18 @@
 //! Anything it cannot vouch for (a bad or unusual value, a repeated field, the gateway's own
 //! `guardrails` field) makes it give up, and the full parse decides and names the problem; so it
 //! needs no error messages of its own. A test holds the two to each other over many bodies.
+//!
+//! The texts plugins see are read from a checked body the same way, without the parse.
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 use serde::de::{self, Deserialize, Deserializer, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::request::{ApiRequest, ROLES};
+use super::request::{ApiRequest, TextView, ROLES};
 use crate::json::borrowed::{span_in, ObjectOf, Present};
 use crate::providers::{Endpoint, JsonObject, RequestBody, SentSpans};
 
@@ -170,6 +173,105 @@ impl<'de> Deserialize<'de> for Content {
     }
 }
 
+#[derive(serde::Deserialize)]
+struct ChatTexts<'a> {
+    #[serde(borrow)]
+    messages: Vec<ObjectOf<MessageText<'a>>>,
+}
+
+#[derive(serde::Deserialize)]
+struct MessageText<'a> {
+    #[serde(borrow)]
+    role: Cow<'a, str>,
+    #[serde(default)]
+    content: ContentText,
+    name: Option<String>,
+    tool_calls: Option<Vec<ObjectOf<CallText>>>,
+}
+
+#[derive(serde::Deserialize)]
+struct CallText {
+    id: Option<String>,
+    function: ObjectOf<FunctionText>,
+}
+
+#[derive(serde::Deserialize)]
+struct FunctionText {
+    name: String,
+    arguments: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct PartText<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    text: Option<String>,
+}
+
+/// A message's text: the string, or its text parts joined by newlines (as `content_text` joins
+/// them).
+#[derive(Default)]
+struct ContentText(String);
+
+impl<'de> Deserialize<'de> for ContentText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl<'de> Visitor<'de> for Text {
+            type Value = ContentText;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string, a list of parts or null")
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<ContentText, E> {
+                Ok(ContentText(text.to_owned()))
+            }
+
+            fn visit_unit<E: de::Error>(self) -> Result<ContentText, E> {
+                Ok(ContentText::default())
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut parts: A) -> Result<ContentText, A::Error> {
+                let mut joined = String::new();
+                let mut first = true;
+                while let Some(ObjectOf(part)) = parts.next_element::<ObjectOf<PartText<'_>>>()? {
+                    if let (true, Some(text)) = (part.kind == "text", part.text) {
+                        if !first {
+                            joined.push('\n');
+                        }
+                        joined.push_str(&text);
+                        first = false;
+                    }
+                }
+                Ok(ContentText(joined))
+            }
+        }
+        deserializer.deserialize_any(Text)
+    }
+}
+
+/// The texts of a checked chat body, as [`ApiRequest::texts`] reads them from its object; `None`
+/// if a field is of a shape only that reading handles (a `name` that is not a string, say).
+pub(super) fn texts(sent: &[u8]) -> Option<Vec<TextView>> {
+    let ChatTexts { messages } = serde_json::from_slice(sent).ok()?;
+    let view = |ObjectOf(message): ObjectOf<MessageText<'_>>| TextView {
+        role: message.role.into_owned(),
+        content: message.content.0,
+        name: message.name,
+        tool_calls: message
+            .tool_calls
+            .into_iter()
+            .flatten()
+            .map(|ObjectOf(call)| {
+                let ObjectOf(function) = call.function;
+                let arguments = function.arguments.unwrap_or_default();
+                (call.id.unwrap_or_default(), function.name, arguments)
+            })
+            .collect(),
+    };
+    Some(messages.into_iter().map(view).collect())
+}
+
 /// The request, if the pass can vouch for it.
 pub(super) fn check(bytes: &Bytes) -> Option<ApiRequest> {
     // Skipped strings are not checked for UTF-8, and these bytes may go upstream as they are.
@@ -243,6 +345,8 @@ pub(super) fn check(bytes: &Bytes) -> Option<ApiRequest> {
             .max_completion_tokens
             .or(fields.max_tokens)
             .unwrap_or(0),
+        texts: OnceLock::new(),
+        prompt_tokens: OnceLock::new(),
     })
 }
 
@@ -290,6 +394,7 @@ mod tests {
         assert_eq!(fast.metadata, whole.metadata, "{text}");
         assert_eq!(fast.guardrails, whole.guardrails, "{text}");
         assert_eq!(fast.max_output_tokens, whole.max_output_tokens, "{text}");
+        assert_eq!(fast.texts(), whole.texts(), "{text}");
         assert_eq!(fast.body.object(), whole.body.object(), "{text}");
         true
     }
@@ -405,6 +510,23 @@ mod tests {
             "the parse alone accepted: {unexpected:#?}"
         );
         assert!(agrees(&base().to_string()));
+        let mut with_parts = base();
+        with_parts["messages"][1] = json!({"role": "user", "name": "ann", "content": [
+            {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "u"}},
+            {"type": "text", "text": "here"}]});
+        let calls = json!({"role": "assistant", "content": null, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+            {"type": "function", "function": {"name": "g"}}]});
+        if let Some(messages) = with_parts["messages"].as_array_mut() {
+            messages.push(calls);
+        }
+        assert!(agrees(&with_parts.to_string()));
+        let read = texts(with_parts.to_string().as_bytes()).expect("read without the parse");
+        assert_eq!(read[1].content, "look\nhere");
+        assert_eq!(
+            read[2].tool_calls[1],
+            (String::new(), "g".into(), String::new())
+        );
     }
 
     #[test]

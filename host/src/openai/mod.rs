@@ -18,7 +18,7 @@ pub fn content_text(content: Option<&Value>) -> String {
 }
 
 /// Each text of a message's content, without copying: the string itself, or each text part.
-pub fn content_texts(content: Option<&Value>) -> impl Iterator<Item = &str> {
+fn content_texts(content: Option<&Value>) -> impl Iterator<Item = &str> {
     let (whole, parts) = match content {
         Some(Value::String(text)) => (Some(text.as_str()), None),
         Some(Value::Array(parts)) => (None, Some(parts)),

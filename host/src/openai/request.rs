@@ -3,11 +3,14 @@
 //! The body stays a JSON object: only the fields the gateway acts on are checked and copied out, so
 //! **unknown fields reach the upstream unchanged**.
 
+use std::sync::OnceLock;
+
 use bytes::Bytes;
 use serde_json::Value;
 
 use crate::error::GatewayError;
 use crate::providers::{Endpoint, JsonObject, RequestBody, UnreadableBody};
+use crate::tokens;
 
 /// A request body that passed its route's checks.
 #[derive(Debug, Clone)]
@@ -28,6 +31,9 @@ pub struct ApiRequest {
     /// Guardrails the request asks for by name, besides the default ones.
     pub guardrails: Vec<String>,
     pub(super) max_output_tokens: u64,
+    /// Read once, when first asked for: each plugin asks, and so may the budget and the router.
+    pub(super) texts: OnceLock<Result<Vec<TextView>, UnreadableBody>>,
+    pub(super) prompt_tokens: OnceLock<u64>,
 }
 
 /// The text of one message (or prompt, or embedding input), as plugins see it.
@@ -146,6 +152,8 @@ impl ApiRequest {
             metadata,
             guardrails,
             max_output_tokens,
+            texts: OnceLock::new(),
+            prompt_tokens: OnceLock::new(),
         })
     }
 
@@ -157,7 +165,47 @@ impl ApiRequest {
 
     /// The texts a plugin checks: chat messages, a completion's prompts, or embedding inputs
     /// (the last two as user messages, in order).
-    pub fn texts(&self) -> Result<Vec<TextView>, UnreadableBody> {
+    pub fn texts(&self) -> Result<&[TextView], UnreadableBody> {
+        match self.texts.get_or_init(|| self.read_texts()) {
+            Ok(texts) => Ok(texts),
+            Err(e) => Err(e.clone()),
+        }
+    }
+
+    /// A prompt-size estimate, for usage-aware routing and token rate limits.
+    pub fn estimated_prompt_tokens(&self) -> Result<u64, UnreadableBody> {
+        if let Some(tokens) = self.prompt_tokens.get() {
+            return Ok(*tokens);
+        }
+        let tokens = match self.endpoint {
+            // A message's text parts are joined by newlines, which the estimate counts as nothing.
+            Endpoint::ChatCompletions => self
+                .texts()?
+                .iter()
+                .map(|m| tokens::estimate(&m.content) + 4)
+                .sum(),
+            Endpoint::Completions | Endpoint::Embeddings => {
+                let body = self.body.object()?;
+                ["prompt", "input"]
+                    .iter()
+                    .filter_map(|f| body.get(*f))
+                    .map(|v| match v {
+                        Value::String(s) => tokens::estimate(s),
+                        other => tokens::estimate(&other.to_string()),
+                    })
+                    .sum()
+            }
+        };
+        Ok(*self.prompt_tokens.get_or_init(|| tokens))
+    }
+
+    fn read_texts(&self) -> Result<Vec<TextView>, UnreadableBody> {
+        if let Some(texts) = self.body.sent().and_then(|(sent, _)| {
+            // Only a chat body is kept as sent.
+            super::borrowed_chat::texts(sent)
+        }) {
+            return Ok(texts);
+        }
         let body = self.body.object()?;
         let user = |content: String| TextView {
             role: "user".into(),
@@ -555,6 +603,8 @@ mod tests {
         .expect("valid");
         let texts = req.texts().expect("texts");
         assert_eq!(texts[1].content, "mail a@b.co");
+        // Read once, whoever asks.
+        assert!(std::ptr::eq(texts, req.texts().expect("texts")));
         let body = req
             .with_texts(&[(1, "mail [EMAIL]".into())])
             .expect("rewritten");
@@ -570,6 +620,33 @@ mod tests {
             embed.with_texts(&[(1, "c".into())]).expect("rewritten")["input"],
             json!(["a", "c"])
         );
+    }
+
+    #[test]
+    fn prompt_estimates_count_each_message_and_its_text_parts() {
+        let messages = json!({"model": "m", "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hello"},
+                {"type": "image_url", "image_url": {"url": "https://x"}},
+                {"type": "text", "text": "there, you"}]}]});
+        let pieces = ["be brief", "hello", "there, you"];
+        let expected: u64 = pieces.iter().map(|t| tokens::estimate(t)).sum::<u64>() + 2 * 4;
+        for request in [
+            parse(Endpoint::ChatCompletions, messages.clone()).expect("valid"),
+            ApiRequest::parse_whole(
+                Endpoint::ChatCompletions,
+                &Bytes::from(messages.to_string()),
+            )
+            .expect("valid"),
+        ] {
+            assert_eq!(request.estimated_prompt_tokens(), Ok(expected));
+        }
+        let prompt = parse(
+            Endpoint::Completions,
+            json!({"model": "m", "prompt": "one two"}),
+        );
+        let prompt = prompt.expect("valid");
+        assert_eq!(prompt.estimated_prompt_tokens(), Ok(2));
     }
 
     #[test]

@@ -101,7 +101,7 @@ where
         generation.router.has_group(&call.model),
     )?;
     authenticate::admit(generation.governance.as_deref(), call, || {
-        Ok(route::estimate_prompt_tokens(&request)? + request.max_output_tokens())
+        Ok(request.estimated_prompt_tokens()? + request.max_output_tokens())
     })
     .await?;
     guardrails::pre_call(generation, call, &mut request).await?;

@@ -13,10 +13,9 @@ use crate::call::Call;
 use crate::error::GatewayError;
 use crate::extension::RouteRequest;
 use crate::generation::Generation;
-use crate::openai::{self, ApiRequest};
+use crate::openai::ApiRequest;
 use crate::providers::{ChunkStream, ProviderError, RelayedObject, Reply};
 use crate::router::{Deployment, InFlight, NoDeployment};
-use crate::tokens;
 
 /// The upstream's answer, with the deployment that gave it.
 #[derive(Debug)]
@@ -55,7 +54,7 @@ pub async fn route(
     let router = &generation.router;
     let settings = &router.settings;
     let estimated_tokens = if router.strategy().uses_token_estimate() {
-        estimate_prompt_tokens(request)?
+        request.estimated_prompt_tokens()?
     } else {
         0
     };
@@ -163,28 +162,4 @@ async fn attempt(
             )),
         },
     }
-}
-
-/// A prompt-size estimate, for usage-aware routing and token rate limits.
-pub fn estimate_prompt_tokens(request: &ApiRequest) -> Result<u64, GatewayError> {
-    let body = request.body.object()?;
-    Ok(match body.get("messages").and_then(|m| m.as_array()) {
-        Some(messages) => messages
-            .iter()
-            .map(|m| {
-                openai::content_texts(m.get("content"))
-                    .map(tokens::estimate)
-                    .sum::<u64>()
-                    + 4
-            })
-            .sum(),
-        None => ["prompt", "input"]
-            .iter()
-            .filter_map(|f| body.get(*f))
-            .map(|v| match v {
-                serde_json::Value::String(s) => tokens::estimate(s),
-                other => tokens::estimate(&other.to_string()),
-            })
-            .sum(),
-    })
 }

@@ -86,7 +86,7 @@ pub fn request(
         call_id: call.id.clone(),
         endpoint: call.endpoint.name().to_owned(),
         model: call.model.clone(),
-        messages: request.texts()?.into_iter().map(message).collect(),
+        messages: request.texts()?.iter().map(message).collect(),
         stream: request.stream,
         key_alias: call.principal.as_ref().and_then(|p| p.alias.clone()),
         team: call.principal.as_ref().and_then(|p| p.team.clone()),
@@ -133,18 +133,18 @@ pub fn stream_delta(delta: crate::extension::StreamDelta<'_>) -> types::StreamDe
     }
 }
 
-fn message(view: TextView) -> types::Message {
+fn message(view: &TextView) -> types::Message {
     types::Message {
-        role: view.role,
-        content: view.content,
-        name: view.name,
+        role: view.role.clone(),
+        content: view.content.clone(),
+        name: view.name.clone(),
         tool_calls: view
             .tool_calls
-            .into_iter()
+            .iter()
             .map(|(id, name, arguments)| types::ToolCall {
-                id,
-                name,
-                arguments,
+                id: id.clone(),
+                name: name.clone(),
+                arguments: arguments.clone(),
             })
             .collect(),
     }
