@@ -239,3 +239,34 @@ async fn a_monitor_guardrail_logs_its_verdict_and_changes_nothing() {
             .await
     );
 }
+
+/// Each open stream holds a guardrail instance, and each instance a fiber stack from the engine's
+/// pool: more streams than wasmtime's default of 1,000 stacks are held at once, none refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_streams_than_the_default_stack_pool_each_hold_a_guardrail() {
+    const STREAMS: usize = 1_050;
+    let (upstream, gateway) = pii_gateway("mode: post_call").await;
+    // Long enough that every stream is open before the first one ends.
+    upstream.set_delay_per_chunk(Duration::from_millis(400));
+    let mut streams = tokio::task::JoinSet::new();
+    for _ in 0..STREAMS {
+        let url = url(&gateway);
+        streams.spawn(async move {
+            client::stream_sse(&url, MASTER, &chat_stream("gpt", "one two three four five")).await
+        });
+    }
+    let all_open = support::wait_until(Duration::from_secs(60), || {
+        upstream.request_count() >= STREAMS || upstream.completed_streams() > 0
+    })
+    .await;
+    assert!(
+        all_open && upstream.completed_streams() == 0,
+        "the streams did not overlap"
+    );
+    while let Some(joined) = streams.join_next().await {
+        let response = joined.expect("the stream task");
+        assert_eq!(response.status, 200, "{}", response.raw);
+        assert!(response.done(), "{}", response.raw);
+        assert_eq!(response.content(), "echo: one two three four five");
+    }
+}

@@ -308,11 +308,14 @@ fn base_config() -> Config {
 
 fn pooled_engine() -> wasmtime::Result<Engine> {
     let mut pool = PoolingAllocationConfig::default();
-    // Long streams each hold a guardrail instance: room for thousands of them at once.
+    // Long streams each hold a guardrail instance: room for thousands of them at once. A store
+    // keeps the fiber stack of its last call until it is dropped, so stacks are counted as
+    // instances are (the default, 1,000, failed calls with 1,000 streams open).
     pool.total_component_instances(4_000)
         .total_core_instances(8_000)
         .total_memories(4_000)
         .total_tables(4_000)
+        .total_stacks(4_000)
         .max_memory_size((MAX_PLUGIN_MEMORY_MB as usize) << 20);
     let mut config = base_config();
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
