@@ -243,6 +243,10 @@ const SPEND_LOG_COLUMNS: &[&str] = &[
 /// parameters.
 const SPEND_ROWS_PER_INSERT: usize = 50;
 
+/// The row counts SQLite spend inserts are prepared for, largest first; any count of rows is
+/// written as a few of them, each statement parsed once per connection.
+const SQLITE_INSERT_ROWS: [usize; 4] = [50, 16, 4, 1];
+
 pub type AnyQuery<'q> = Query<'q, Any, AnyArguments>;
 
 /// A table of entities that have a policy and spend.
@@ -365,11 +369,25 @@ impl Record for UserRecord {
     }
 }
 
+/// How a statement's parameters are written.
+#[derive(Debug, Clone, Copy)]
+enum Placeholders {
+    /// `$1, $2, ...`, which both engines read.
+    Numbered,
+    /// `?, ?, ...`: SQLite looks each `$N` up by name in a list, so a statement with many of them
+    /// parses and binds in time that grows with their square (about 250,000 instructions a row
+    /// at 50 rows); anonymous ones cost the same at any count.
+    Anonymous,
+}
+
 /// An `INSERT` of `rows` spend-log rows.
-fn insert_spend_sql(rows: usize) -> String {
+fn insert_spend_sql(rows: usize, style: Placeholders) -> String {
     let width = SPEND_LOG_COLUMNS.len();
     let values: Vec<_> = (0..rows)
-        .map(|i| format!("({})", placeholders(i * width + 1, width)))
+        .map(|i| match style {
+            Placeholders::Numbered => format!("({})", placeholders(i * width + 1, width)),
+            Placeholders::Anonymous => format!("({})", vec!["?"; width].join(", ")),
+        })
         .collect();
     format!(
         "INSERT INTO portcullis_spend_logs ({}) VALUES {}",
@@ -568,17 +586,26 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         if self.engine == "sqlite" {
-            // SQLite finds each `$N` by name in a list, so a statement's parse and binds grow
-            // with the square of its parameters: 50 rows at once cost about 250,000 instructions
-            // a row. One row per statement, prepared once per connection, costs a few thousand.
-            static ONE_ROW: LazyLock<String> = LazyLock::new(|| insert_spend_sql(1));
-            for row in rows {
-                let insert = sqlx::query(AssertSqlSafe(ONE_ROW.as_str())).persistent(true);
-                bind_spend_row(insert, row).execute(&mut *tx).await?;
+            // Kept prepared: SQLite fixes no parameter types, so the Postgres concern below
+            // does not apply, and a statement per row would cost its round trip to the
+            // connection's worker each time.
+            static INSERTS: LazyLock<[String; 4]> = LazyLock::new(|| {
+                SQLITE_INSERT_ROWS.map(|rows| insert_spend_sql(rows, Placeholders::Anonymous))
+            });
+            let mut rest = rows;
+            while let Some(size) = SQLITE_INSERT_ROWS.iter().position(|&n| n <= rest.len()) {
+                let (chunk, tail) = rest.split_at(SQLITE_INSERT_ROWS[size]);
+                let mut insert =
+                    sqlx::query(AssertSqlSafe(INSERTS[size].as_str())).persistent(true);
+                for row in chunk {
+                    insert = bind_spend_row(insert, row);
+                }
+                insert.execute(&mut *tx).await?;
+                rest = tail;
             }
         } else {
             for chunk in rows.chunks(SPEND_ROWS_PER_INSERT) {
-                let mut insert = query(insert_spend_sql(chunk.len()));
+                let mut insert = query(insert_spend_sql(chunk.len(), Placeholders::Numbered));
                 for row in chunk {
                     insert = bind_spend_row(insert, row);
                 }
@@ -968,6 +995,42 @@ mod tests {
             updated_at: 1_000,
             deleted_at: None,
         }
+    }
+
+    #[tokio::test]
+    async fn many_spend_rows_are_written_each_to_its_own_values() {
+        let (store, dir) = temporary_store().await;
+        // 50 + 16 + 4 + 1 + 1: every prepared size, and one of them twice.
+        let rows: Vec<SpendRow> = (0..72)
+            .map(|i| SpendRow {
+                request_id: format!("r{i:02}"),
+                api_key: format!("token-{}", i % 3),
+                key_alias: (i % 2 == 0).then(|| format!("alias-{i}")),
+                spend: f64::from(i) / 8.0,
+                prompt_tokens: i64::from(i),
+                completion_tokens: i64::from(i) * 2,
+                total_tokens: i64::from(i) * 3,
+                model: format!("up-{i}"),
+                model_group: "m".into(),
+                model_id: "m-0".into(),
+                user_id: None,
+                team_id: Some(format!("team-{i}")),
+                end_user: None,
+                start_time: 5_000,
+                end_time: 5_000 + i64::from(i),
+                status: "success",
+            })
+            .collect();
+        store.write_spend(&rows, &[]).await.expect("write");
+        let logs = store
+            .spend_logs(&SpendFilter {
+                limit: 100,
+                ..SpendFilter::default()
+            })
+            .await
+            .expect("logs");
+        assert_eq!(logs, rows);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[tokio::test]
