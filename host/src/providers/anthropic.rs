@@ -24,6 +24,14 @@ const SYSTEM_PARTS: &[&str] = &["text"];
 // ----- request -----
 
 /// OpenAI chat completions body -> Anthropic Messages body. `model` is the upstream model id to put in the body.
+/// Accepts both `https://api.anthropic.com` and `https://api.anthropic.com/v1` as the base.
+pub(super) fn url(base: &str) -> String {
+    match base.strip_suffix("/v1") {
+        Some(root) => format!("{root}/v1/messages"),
+        None => format!("{base}/v1/messages"),
+    }
+}
+
 pub(super) fn messages_body(
     chat: &JsonObject,
     model: &str,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{stream, StreamExt};
-use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -16,8 +16,8 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
 use super::{
-    anthropic, azure, mock, openai, ChunkStream, Decoded, Endpoint, JsonObject, ProviderError,
-    ProviderKind, RelayedObject, Reply, RequestBody, StreamDecoder, Upstream,
+    anthropic, mock, openai, ChunkStream, Decoded, Endpoint, JsonObject, PreparedRequests,
+    ProviderError, ProviderKind, RelayedObject, Reply, RequestBody, StreamDecoder, Upstream,
 };
 use crate::sse::SseParser;
 
@@ -146,66 +146,31 @@ fn build_request(
     body: &RequestBody,
     stream: bool,
 ) -> Result<Request<Full<Bytes>>, ProviderError> {
-    let key = upstream.api_key.as_ref().map(|k| k.expose());
-    let (url, bytes, auth): (String, Vec<u8>, Vec<(HeaderName, String)>) = match upstream.kind {
-        ProviderKind::Openai | ProviderKind::OpenaiCompatible | ProviderKind::Mock => (
-            openai::url(upstream, endpoint),
-            openai::body(upstream, body, stream)?,
-            key.map(|k| vec![(AUTHORIZATION, format!("Bearer {k}"))])
-                .unwrap_or_default(),
-        ),
-        ProviderKind::Azure => (
-            azure::url(upstream, endpoint),
-            openai::body(upstream, body, stream)?,
-            key.map(|k| vec![(HeaderName::from_static("api-key"), k.to_owned())])
-                .unwrap_or_default(),
-        ),
+    let prepared = PreparedRequests::of(upstream);
+    let uri = prepared.uri(endpoint)?;
+    let credentials = prepared.headers()?;
+    let bytes = match upstream.kind {
+        ProviderKind::Openai
+        | ProviderKind::OpenaiCompatible
+        | ProviderKind::Mock
+        | ProviderKind::Azure => openai::body(upstream, body, stream)?,
         ProviderKind::Anthropic => {
-            if endpoint != Endpoint::ChatCompletions {
-                return Err(ProviderError::Unsupported(format!(
-                    "Anthropic models do not support /v1/{}",
-                    endpoint.path()
-                )));
-            }
             let messages = anthropic::messages_body(body.object()?, &upstream.model, stream)?;
-            let bytes = serde_json::to_vec(&messages).map_err(|e| {
+            serde_json::to_vec(&messages).map_err(|e| {
                 ProviderError::Protocol(format!("cannot encode the upstream request: {e}"))
-            })?;
-            let version = upstream
-                .api_version
-                .clone()
-                .unwrap_or_else(|| anthropic::DEFAULT_VERSION.to_owned());
-            let mut headers = vec![(HeaderName::from_static("anthropic-version"), version)];
-            if let Some(k) = key {
-                headers.push((HeaderName::from_static("x-api-key"), k.to_owned()));
-            }
-            (anthropic_url(&upstream.api_base), bytes, headers)
+            })?
         }
     };
-    let mut request = Request::builder()
-        .method(Method::POST)
-        .uri(&url)
-        .header(CONTENT_TYPE, "application/json");
-    for (name, value) in auth {
-        // Never echo the value: it is a secret.
-        let value = HeaderValue::from_str(&value).map_err(|_| {
-            ProviderError::Connect(format!(
-                "the configured credential for {name} is not a valid header value"
-            ))
-        })?;
-        request = request.header(name, value);
+    let mut request = Request::new(Full::new(Bytes::from(bytes)));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    headers.reserve(1 + credentials.len());
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    for (name, value) in credentials {
+        headers.insert(name.clone(), value.clone());
     }
-    request
-        .body(Full::new(Bytes::from(bytes)))
-        .map_err(|e| ProviderError::Connect(format!("invalid upstream URL {url}: {e}")))
-}
-
-/// Accepts both `https://api.anthropic.com` and `https://api.anthropic.com/v1` as the base.
-fn anthropic_url(base: &str) -> String {
-    match base.strip_suffix("/v1") {
-        Some(root) => format!("{root}/v1/messages"),
-        None => format!("{base}/v1/messages"),
-    }
+    Ok(request)
 }
 
 fn timed_out(upstream: &Upstream) -> ProviderError {
@@ -393,15 +358,6 @@ fn chunk_stream(body: Incoming, decoder: Box<dyn StreamDecoder>, idle: Duration)
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn anthropic_base_with_or_without_version() {
-        assert_eq!(
-            anthropic_url("https://api.anthropic.com"),
-            "https://api.anthropic.com/v1/messages"
-        );
-        assert_eq!(anthropic_url("https://x/v1"), "https://x/v1/messages");
-    }
 
     #[test]
     fn retry_after_prefers_milliseconds() {

@@ -9,6 +9,7 @@ mod azure;
 mod client;
 mod mock;
 mod openai;
+mod prepared;
 mod relayed;
 mod request_body;
 
@@ -21,6 +22,7 @@ use http::StatusCode;
 use serde::Deserialize;
 
 pub use client::UpstreamClient;
+pub use prepared::PreparedRequests;
 pub use relayed::RelayedObject;
 pub use request_body::{RequestBody, SentSpans, UnreadableBody};
 
@@ -116,6 +118,8 @@ pub struct Upstream {
     pub timeout: Duration,
     /// Longest silence allowed between two stream chunks.
     pub stream_idle_timeout: Duration,
+    /// Made on the first call: see [`PreparedRequests`].
+    pub prepared: PreparedRequests,
 }
 
 /// Why an upstream call failed. Retryable failures move the router to another deployment.

@@ -135,6 +135,7 @@ mod tests {
             api_version: None,
             timeout: Duration::from_secs(1),
             stream_idle_timeout: Duration::from_secs(1),
+            prepared: Default::default(),
         }
     }
 

@@ -259,6 +259,7 @@ pub(crate) mod tests {
                 api_version: None,
                 timeout: Duration::from_secs(1),
                 stream_idle_timeout: Duration::from_secs(1),
+                prepared: Default::default(),
             },
             1,
             rpm,

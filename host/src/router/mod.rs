@@ -75,6 +75,7 @@ impl Router {
                         .stream_idle_timeout_s
                         .unwrap_or(router.stream_idle_timeout_s),
                 ),
+                prepared: Default::default(),
             };
             let prices = Prices::for_deployment(
                 &upstream_model,
