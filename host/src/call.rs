@@ -47,11 +47,22 @@ pub struct Call {
     pub admission: Option<Arc<Admission>>,
 }
 
+/// `call-` and 32 hex digits, written without the formatting machinery (a fifth of the cost).
+fn call_id(random: u128) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(37);
+    id.push_str("call-");
+    for nibble in (0..32).rev() {
+        id.push(char::from(DIGITS[((random >> (nibble * 4)) & 0xf) as usize]));
+    }
+    id
+}
+
 impl Call {
     pub fn new(endpoint: Endpoint) -> Call {
         Call {
             // Unique, not secret: a thread-local generator avoids a syscall per request.
-            id: format!("call-{:032x}", fastrand::u128(..)),
+            id: call_id(fastrand::u128(..)),
             endpoint,
             received: Instant::now(),
             received_at: SystemTime::now(),
@@ -166,4 +177,16 @@ pub struct CallRecord {
     pub started_at: SystemTime,
     pub guardrails: Vec<(String, &'static str)>,
     pub outcome: Outcome,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_ids_are_the_prefix_and_32_hex_digits() {
+        for random in [0, 1, 0xabc, u128::MAX, fastrand::u128(..)] {
+            assert_eq!(call_id(random), format!("call-{random:032x}"));
+        }
+    }
 }
