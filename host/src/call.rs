@@ -53,7 +53,9 @@ fn call_id(random: u128) -> String {
     let mut id = String::with_capacity(37);
     id.push_str("call-");
     for nibble in (0..32).rev() {
-        id.push(char::from(DIGITS[((random >> (nibble * 4)) & 0xf) as usize]));
+        id.push(char::from(
+            DIGITS[((random >> (nibble * 4)) & 0xf) as usize],
+        ));
     }
     id
 }

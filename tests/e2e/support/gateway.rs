@@ -79,6 +79,16 @@ pub fn binary_path() -> PathBuf {
     );
 }
 
+/// Starts tried before giving up on finding a free port.
+const PORT_ATTEMPTS: usize = 3;
+
+/// Why a started gateway never answered its readiness probe.
+#[derive(Debug)]
+enum NotReady {
+    Exited(ExitStatus),
+    TimedOut,
+}
+
 /// A port that was free a moment ago (bind :0, read it, release it).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -117,9 +127,19 @@ impl GatewayBuilder {
     /// Spawn and wait for `/health/readiness` to answer 200 (panics with the logs otherwise).
     pub async fn start(self) -> Gateway {
         let timeout = self.ready_timeout;
-        let mut gateway = self.spawn();
-        gateway.wait_ready(timeout).await;
-        gateway
+        // The port was free when chosen, but a test running beside this one may take it first:
+        // then start again on another.
+        for attempt in 1..=PORT_ATTEMPTS {
+            let mut gateway = self.clone().spawn();
+            match gateway.try_wait_ready(timeout).await {
+                Ok(()) => return gateway,
+                Err(NotReady::Exited(_))
+                    if attempt < PORT_ATTEMPTS
+                        && gateway.logs().contains("Address already in use") => {}
+                Err(not_ready) => gateway.fail(not_ready, timeout),
+            }
+        }
+        unreachable!("the last attempt returns or fails")
     }
 
     /// Spawn without waiting (for tests that expect a failed start: use `wait_exit`).
@@ -335,30 +355,44 @@ impl Gateway {
     /// Poll `/health/readiness` until it answers 200; panics (with the logs) on early exit or
     /// after `timeout`.
     pub async fn wait_ready(&mut self, timeout: Duration) {
+        if let Err(not_ready) = self.try_wait_ready(timeout).await {
+            self.fail(not_ready, timeout);
+        }
+    }
+
+    async fn try_wait_ready(&mut self, timeout: Duration) -> Result<(), NotReady> {
         let url = format!("{}/health/readiness", self.url());
         let started = Instant::now();
         loop {
             if let Some(status) = self.poll_exit() {
-                panic!(
-                    "portcullis exited ({status}) before becoming ready; logs:\n{}",
-                    self.logs()
-                );
+                return Err(NotReady::Exited(status));
             }
             let probe = RequestBuilder::get(&url)
                 .timeout(Duration::from_secs(1))
                 .try_send()
                 .await;
             if probe.is_ok_and(|r| r.status == 200) {
-                return;
+                return Ok(());
             }
             if started.elapsed() > timeout {
                 let _ = self.child.kill();
-                panic!(
-                    "portcullis not ready after {timeout:?} ({url}); logs:\n{}",
-                    self.logs()
-                );
+                return Err(NotReady::TimedOut);
             }
             tokio::time::sleep(POLL).await;
+        }
+    }
+
+    fn fail(&self, not_ready: NotReady, timeout: Duration) -> ! {
+        match not_ready {
+            NotReady::Exited(status) => panic!(
+                "portcullis exited ({status}) before becoming ready; logs:\n{}",
+                self.logs()
+            ),
+            NotReady::TimedOut => panic!(
+                "portcullis not ready after {timeout:?} ({}); logs:\n{}",
+                self.url(),
+                self.logs()
+            ),
         }
     }
 
