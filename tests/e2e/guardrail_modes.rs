@@ -245,9 +245,11 @@ async fn a_monitor_guardrail_logs_its_verdict_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_streams_than_the_default_stack_pool_each_hold_a_guardrail() {
     const STREAMS: usize = 1_050;
-    let (upstream, gateway) = pii_gateway("mode: post_call").await;
-    // Long enough that every stream is open before the first one ends.
-    upstream.set_delay_per_chunk(Duration::from_millis(400));
+    // A thousand guarded streams starting at once on a shared machine: the limit is not what
+    // this test is about.
+    let (upstream, gateway) = pii_gateway("mode: post_call, limits: { timeout_ms: 30000 }").await;
+    // Long enough that more than a thousand are open before the first ones end.
+    upstream.set_delay_per_chunk(Duration::from_millis(500));
     let mut streams = tokio::task::JoinSet::new();
     for _ in 0..STREAMS {
         let url = url(&gateway);
@@ -255,14 +257,10 @@ async fn more_streams_than_the_default_stack_pool_each_hold_a_guardrail() {
             client::stream_sse(&url, MASTER, &chat_stream("gpt", "one two three four five")).await
         });
     }
-    let all_open = support::wait_until(Duration::from_secs(60), || {
-        upstream.request_count() >= STREAMS || upstream.completed_streams() > 0
-    })
-    .await;
-    assert!(
-        all_open && upstream.completed_streams() == 0,
-        "the streams did not overlap"
-    );
+    // More open at one moment than the default pool had stacks.
+    let open = || upstream.request_count() - upstream.completed_streams();
+    let overlapped = support::wait_until(Duration::from_secs(60), || open() > 1_000).await;
+    assert!(overlapped, "at most {} streams were open at once", open());
     while let Some(joined) = streams.join_next().await {
         let response = joined.expect("the stream task");
         assert_eq!(response.status, 200, "{}", response.raw);
