@@ -39,8 +39,12 @@ fn relayed_body(sent: &[u8], spans: &SentSpans, model: &str, stream: bool) -> Op
     let mut edits = vec![(spans.model.clone(), Some(model))];
     let mut client_options = None;
     if let Some(value) = spans.stream_options.clone().filter(|_| stream) {
-        if let Ok(Value::Object(options)) = serde_json::from_slice(&sent[value.clone()]) {
-            client_options = Some(options);
+        // The client's options are kept; options that cannot be read are the object path's to
+        // refuse, never dropped here.
+        match serde_json::from_slice(&sent[value.clone()]) {
+            Ok(Value::Object(options)) => client_options = Some(options),
+            Ok(Value::Null) => {}
+            _ => return None,
         }
         edits.push((borrowed::entry_span(sent, value, "stream_options")?, None));
     }
@@ -211,6 +215,23 @@ mod tests {
         assert_eq!(
             by_bytes["stream_options"],
             json!({"other": 1, "include_usage": true})
+        );
+    }
+
+    #[test]
+    fn stream_options_that_cannot_be_read_are_refused_not_dropped() {
+        let text = r#"{"model": "a", "stream": true, "stream_options": {"x": "\ud800"}}"#;
+        let refused = super::body(&upstream(), &sent(text), true).expect_err("unreadable");
+        assert!(refused.to_string().contains("not valid JSON"), "{refused}");
+    }
+
+    #[test]
+    fn values_serde_cannot_hold_are_relayed_as_written_where_nothing_reads_them() {
+        let text = r#"{"model": "a", "x": "\ud800", "n": 1e400}"#;
+        let relayed = super::body(&upstream(), &sent(text), false).expect("relayed");
+        assert_eq!(
+            String::from_utf8(relayed).expect("text"),
+            r#"{"model": "gpt-4o-2024-08-06", "x": "\ud800", "n": 1e400}"#
         );
     }
 

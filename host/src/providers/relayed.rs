@@ -5,7 +5,9 @@
 //! few of its fields (`model`, to put the client's name back; `usage`; whether `choices` is empty
 //! or a choice has finished; `error`), which one borrowing pass finds without building a map. The
 //! object is parsed only when something must read or change all of it (a guardrail), and then
-//! written out again.
+//! written out again. Valid JSON that `serde_json` values cannot hold (a number beyond `f64`, a
+//! lone surrogate escape, nesting past 128) in a field the pass skips is relayed as it came, as
+//! any proxy would relay it; a guardrail that must parse it fails the answer instead.
 
 use std::ops::Range;
 

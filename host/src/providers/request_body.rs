@@ -28,7 +28,8 @@ pub struct SentSpans {
 }
 
 /// Bytes a borrowing pass accepted that are still not a JSON object `serde_json` can hold (a
-/// number like `1e400`, nesting deeper than 128): the client's mistake, found late.
+/// number like `1e400`, a lone surrogate escape, nesting deeper than 128): the client's mistake,
+/// found when something first reads the whole body.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("the request body is not valid JSON: {0}")]
 pub struct UnreadableBody(String);
