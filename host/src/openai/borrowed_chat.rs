@@ -21,7 +21,7 @@ use bytes::Bytes;
 use serde::de::{self, Deserialize, Deserializer, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::request::{ApiRequest, TextView, ROLES};
+use super::request::{ApiRequest, TextView, PENALTY, ROLES, TEMPERATURE, TOP_P};
 use crate::json::borrowed::{span_in, ObjectOf, Present};
 use crate::providers::{Endpoint, JsonObject, RequestBody, SentSpans};
 
@@ -291,7 +291,7 @@ pub(super) fn check(bytes: &Bytes) -> Option<ApiRequest> {
         return None;
     }
     let in_range =
-        |value: Option<f64>, min: f64, max: f64| value.is_none_or(|v| (min..=max).contains(&v));
+        |value: Option<f64>, (min, max): (f64, f64)| value.is_none_or(|v| (min..=max).contains(&v));
     let positive = |value: Option<u64>| value.is_none_or(|v| v >= 1);
     let tools_pass = fields.tools.iter().flatten().all(|ObjectOf(tool)| {
         tool.kind.as_deref() != Some("function")
@@ -301,10 +301,10 @@ pub(super) fn check(bytes: &Bytes) -> Option<ApiRequest> {
         .tool_choice
         .raw()
         .is_none_or(|raw| raw.starts_with(['n', '"', '{']));
-    let passes = in_range(fields.temperature, 0.0, 2.0)
-        && in_range(fields.top_p, 0.0, 1.0)
-        && in_range(fields.presence_penalty, -2.0, 2.0)
-        && in_range(fields.frequency_penalty, -2.0, 2.0)
+    let passes = in_range(fields.temperature, TEMPERATURE)
+        && in_range(fields.top_p, TOP_P)
+        && in_range(fields.presence_penalty, PENALTY)
+        && in_range(fields.frequency_penalty, PENALTY)
         && positive(fields.n)
         && positive(fields.max_tokens)
         && positive(fields.max_completion_tokens)

@@ -287,6 +287,11 @@ fn message_view(message: &Value) -> TextView {
     }
 }
 
+/// The bounds of the sampling numbers, which both checks of a chat body read.
+pub(super) const TEMPERATURE: (f64, f64) = (0.0, 2.0);
+pub(super) const TOP_P: (f64, f64) = (0.0, 1.0);
+pub(super) const PENALTY: (f64, f64) = (-2.0, 2.0);
+
 pub(super) const ROLES: &[&str] = &[
     "system",
     "developer",
@@ -306,10 +311,10 @@ fn check_chat(body: &JsonObject) -> Check {
     for (i, message) in messages.iter().enumerate() {
         check_message(i, message)?;
     }
-    check_number(body, "temperature", 0.0, 2.0)?;
-    check_number(body, "top_p", 0.0, 1.0)?;
-    check_number(body, "presence_penalty", -2.0, 2.0)?;
-    check_number(body, "frequency_penalty", -2.0, 2.0)?;
+    check_number(body, "temperature", TEMPERATURE)?;
+    check_number(body, "top_p", TOP_P)?;
+    check_number(body, "presence_penalty", PENALTY)?;
+    check_number(body, "frequency_penalty", PENALTY)?;
     for field in ["n", "max_tokens", "max_completion_tokens"] {
         check_positive_integer(body, field)?;
     }
@@ -418,8 +423,8 @@ fn check_completion(body: &JsonObject) -> Check {
         Some(_) => return Err(bad("prompt", "must be a string or an array")),
         None => return Err(bad("prompt", "is required")),
     }
-    check_number(body, "temperature", 0.0, 2.0)?;
-    check_number(body, "top_p", 0.0, 1.0)?;
+    check_number(body, "temperature", TEMPERATURE)?;
+    check_number(body, "top_p", TOP_P)?;
     check_positive_integer(body, "max_tokens")?;
     check_positive_integer(body, "n")?;
     check_stop(body)
@@ -456,7 +461,7 @@ fn optional_bool(body: &JsonObject, field: &str) -> Result<Option<bool>, Gateway
     }
 }
 
-fn check_number(body: &JsonObject, field: &str, min: f64, max: f64) -> Check {
+fn check_number(body: &JsonObject, field: &str, (min, max): (f64, f64)) -> Check {
     match body.get(field) {
         None | Some(Value::Null) => Ok(()),
         Some(Value::Number(n)) => match n.as_f64() {

@@ -3,7 +3,8 @@
 //! A body whose fields were checked by a borrowing pass is kept as the bytes the client sent, with
 //! where its `model` and `stream_options` values lie: an OpenAI-compatible upstream gets those
 //! bytes with the two rewritten. **It is parsed into an object only when something reads all of
-//! it** (a plugin, a translating dialect, a token estimate), and at most once.
+//! it** (a guardrail's rewrite, a translating dialect, the built-in mock), and at most once;
+//! plugins' texts and token estimates are read from the bytes.
 
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
