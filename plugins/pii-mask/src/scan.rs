@@ -110,8 +110,13 @@ pub struct Found {
 /// phone number).
 pub fn find(text: &str, wanted: Entities) -> Vec<Found> {
     let bytes = text.as_bytes();
+    // Every number kind has a digit; most prose has none, and one look settles it for all three.
+    let has_digits = has_digit(bytes);
     let mut kept: Vec<Found> = Vec::new();
     for entity in wanted.iter() {
+        if entity != Entity::Email && !has_digits {
+            continue;
+        }
         let candidates = match entity {
             Entity::Email => emails(text),
             Entity::Ssn => ssns(bytes),
@@ -129,6 +134,18 @@ pub fn find(text: &str, wanted: Entities) -> Vec<Found> {
     }
     kept.sort_by_key(|found| found.start);
     kept
+}
+
+/// Whether `bytes` holds an ASCII digit, looking at eight bytes at a time: a byte is a digit
+/// exactly when, XORed with `'0'`, it is below 10, and one subtraction tests all eight for that.
+fn has_digit(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH_BITS: u64 = ONES * 0x80;
+    let (words, rest) = bytes.as_chunks::<8>();
+    words.iter().any(|word| {
+        let shifted = u64::from_ne_bytes(*word) ^ (ONES * u64::from(b'0'));
+        shifted.wrapping_sub(ONES * 10) & !shifted & HIGH_BITS != 0
+    }) || rest.iter().any(u8::is_ascii_digit)
 }
 
 /// `text` with each match replaced by its placeholder.
@@ -274,11 +291,20 @@ fn number_ends(bytes: &[u8], end: usize) -> bool {
 }
 
 /// Every non-overlapping match of `at` (which returns where a match starting at `i` ends), left
-/// to right.
-fn scan(bytes: &[u8], entity: Entity, at: impl Fn(&[u8], usize) -> Option<usize>) -> Vec<Found> {
+/// to right. `at` is asked only where `starts` accepts the byte: a quick loop skips the rest.
+fn scan(
+    bytes: &[u8],
+    entity: Entity,
+    starts: impl Fn(u8) -> bool,
+    at: impl Fn(&[u8], usize) -> Option<usize>,
+) -> Vec<Found> {
     let mut out = Vec::new();
     let mut i = 0;
-    while i < bytes.len() {
+    while let Some(skipped) = bytes
+        .get(i..)
+        .and_then(|rest| rest.iter().position(|&b| starts(b)))
+    {
+        i += skipped;
         match at(bytes, i) {
             Some(end) if end > i => {
                 out.push(Found {
@@ -298,7 +324,7 @@ fn scan(bytes: &[u8], entity: Entity, at: impl Fn(&[u8], usize) -> Option<usize>
 // SSNs
 
 fn ssns(bytes: &[u8]) -> Vec<Found> {
-    scan(bytes, Entity::Ssn, ssn_at)
+    scan(bytes, Entity::Ssn, |b| b.is_ascii_digit(), ssn_at)
 }
 
 /// `ddd-dd-dddd` at `start`, with the area not 000, 666 or 9xx, the group not 00 and the serial
@@ -322,11 +348,16 @@ fn ssn_at(bytes: &[u8], start: usize) -> Option<usize> {
 // Credit cards
 
 fn cards(bytes: &[u8]) -> Vec<Found> {
-    scan(bytes, Entity::CreditCard, |bytes, i| {
-        (bytes[i].is_ascii_digit() && number_starts(bytes, i))
-            .then(|| card_at(bytes, i))
-            .flatten()
-    })
+    scan(
+        bytes,
+        Entity::CreditCard,
+        |b| b.is_ascii_digit(),
+        |bytes, i| {
+            (bytes[i].is_ascii_digit() && number_starts(bytes, i))
+                .then(|| card_at(bytes, i))
+                .flatten()
+        },
+    )
 }
 
 /// The longest run of 13–19 digits at `start`, in groups joined by single spaces or dashes,
@@ -384,10 +415,15 @@ pub fn luhn(digits: &[u8]) -> bool {
 // Phone numbers
 
 fn phones(bytes: &[u8]) -> Vec<Found> {
-    scan(bytes, Entity::Phone, |bytes, i| match bytes[i] {
-        b'+' | b'(' | b'0'..=b'9' if number_starts(bytes, i) => phone_at(bytes, i),
-        _ => None,
-    })
+    scan(
+        bytes,
+        Entity::Phone,
+        |b| matches!(b, b'+' | b'(' | b'0'..=b'9'),
+        |bytes, i| match bytes[i] {
+            b'+' | b'(' | b'0'..=b'9' if number_starts(bytes, i) => phone_at(bytes, i),
+            _ => None,
+        },
+    )
 }
 
 fn phone_at(bytes: &[u8], start: usize) -> Option<usize> {
@@ -535,6 +571,24 @@ mod tests {
             .iter()
             .map(|f| text[f.start..f.end].to_string())
             .collect()
+    }
+
+    #[test]
+    fn digits_are_found_in_any_position_and_only_digits() {
+        let fillers: Vec<u8> = (0..=255u8).filter(|b| !b.is_ascii_digit()).collect();
+        for len in 0..20 {
+            for &filler in &fillers {
+                let mut bytes = vec![filler; len];
+                assert!(!has_digit(&bytes), "{filler:#x} x {len}");
+                for at in 0..len {
+                    for digit in b'0'..=b'9' {
+                        bytes[at] = digit;
+                        assert!(has_digit(&bytes), "{digit} at {at} of {len}");
+                    }
+                    bytes[at] = filler;
+                }
+            }
+        }
     }
 
     #[test]
