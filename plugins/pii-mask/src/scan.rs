@@ -291,7 +291,8 @@ fn number_ends(bytes: &[u8], end: usize) -> bool {
 }
 
 /// Every non-overlapping match of `at` (which returns where a match starting at `i` ends), left
-/// to right. `at` is asked only where `starts` accepts the byte: a quick loop skips the rest.
+/// to right. `at` is asked only where `starts` accepts the byte (so it need not check that byte
+/// again): a quick loop skips the rest.
 fn scan(
     bytes: &[u8],
     entity: Entity,
@@ -352,11 +353,7 @@ fn cards(bytes: &[u8]) -> Vec<Found> {
         bytes,
         Entity::CreditCard,
         |b| b.is_ascii_digit(),
-        |bytes, i| {
-            (bytes[i].is_ascii_digit() && number_starts(bytes, i))
-                .then(|| card_at(bytes, i))
-                .flatten()
-        },
+        |bytes, i| number_starts(bytes, i).then(|| card_at(bytes, i)).flatten(),
     )
 }
 
@@ -419,9 +416,10 @@ fn phones(bytes: &[u8]) -> Vec<Found> {
         bytes,
         Entity::Phone,
         |b| matches!(b, b'+' | b'(' | b'0'..=b'9'),
-        |bytes, i| match bytes[i] {
-            b'+' | b'(' | b'0'..=b'9' if number_starts(bytes, i) => phone_at(bytes, i),
-            _ => None,
+        |bytes, i| {
+            number_starts(bytes, i)
+                .then(|| phone_at(bytes, i))
+                .flatten()
         },
     )
 }
