@@ -129,7 +129,8 @@ fn inspect(file: &std::path::Path) -> anyhow::Result<bool> {
     );
     println!("exports:  {}", report.exports.join(", "));
     println!("imports:  {}", report.imports.join(", "));
-    println!("gateway:  runs {}", report.supported);
+    println!("contract: {}", report.contract.unwrap_or("-"));
+    println!("gateway:  runs {}", report.supported.join(", "));
     match report.problem {
         None => {
             println!("status:   compatible");

@@ -18,8 +18,8 @@ impl Plugin for Banned {
 }
 
 impl Guardrail for Banned {
-    fn check_request(&self, request: &Request) -> RequestVerdict {
-        let text = request.messages.iter().map(|m| m.content.to_lowercase());
+    fn check_request(&self, request: &Request<'_>) -> RequestVerdict {
+        let text = request.messages().iter().map(|m| m.content.to_lowercase());
         match text
             .flat_map(|t| self.words.iter().filter(move |w| t.contains(w.as_str())))
             .next()

@@ -9,7 +9,7 @@
 pub mod guardrail {
     wit_bindgen::generate!({
         world: "guardrail-plugin",
-        path: "wit/0.1.0",
+        path: "wit/0.2.0",
         pub_export_macro: true,
         export_macro_name: "__export_guardrail_world",
         default_bindings_module: "portcullis_plugin_sdk::__bindings::guardrail",
@@ -22,13 +22,13 @@ pub mod guardrail {
 pub mod lifecycle {
     wit_bindgen::generate!({
         world: "lifecycle-plugin",
-        path: "wit/0.1.0",
+        path: "wit/0.2.0",
         pub_export_macro: true,
         export_macro_name: "__export_lifecycle_world",
         default_bindings_module: "portcullis_plugin_sdk::__bindings::lifecycle",
         additional_derives: [PartialEq],
         with: {
-            "portcullis:plugin/host@0.1.0": crate::__bindings::guardrail::portcullis::plugin::host,
+            "portcullis:plugin/host@0.2.0": crate::__bindings::guardrail::portcullis::plugin::host,
         },
     });
 }
@@ -37,14 +37,14 @@ pub mod lifecycle {
 pub mod enricher {
     wit_bindgen::generate!({
         world: "enricher-plugin",
-        path: "wit/0.1.0",
+        path: "wit/0.2.0",
         pub_export_macro: true,
         export_macro_name: "__export_enricher_world",
         default_bindings_module: "portcullis_plugin_sdk::__bindings::enricher",
         additional_derives: [PartialEq],
         with: {
-            "portcullis:plugin/types@0.1.0": crate::__bindings::guardrail::portcullis::plugin::types,
-            "portcullis:plugin/host@0.1.0": crate::__bindings::guardrail::portcullis::plugin::host,
+            "portcullis:plugin/types@0.2.0": crate::__bindings::guardrail::portcullis::plugin::types,
+            "portcullis:plugin/host@0.2.0": crate::__bindings::guardrail::portcullis::plugin::host,
         },
     });
 }
@@ -53,13 +53,13 @@ pub mod enricher {
 pub mod router {
     wit_bindgen::generate!({
         world: "router-plugin",
-        path: "wit/0.1.0",
+        path: "wit/0.2.0",
         pub_export_macro: true,
         export_macro_name: "__export_router_world",
         default_bindings_module: "portcullis_plugin_sdk::__bindings::router",
         additional_derives: [PartialEq],
         with: {
-            "portcullis:plugin/host@0.1.0": crate::__bindings::guardrail::portcullis::plugin::host,
+            "portcullis:plugin/host@0.2.0": crate::__bindings::guardrail::portcullis::plugin::host,
         },
     });
 }
@@ -68,14 +68,14 @@ pub mod router {
 pub mod hook {
     wit_bindgen::generate!({
         world: "hook-plugin",
-        path: "wit/0.1.0",
+        path: "wit/0.2.0",
         pub_export_macro: true,
         export_macro_name: "__export_hook_world",
         default_bindings_module: "portcullis_plugin_sdk::__bindings::hook",
         additional_derives: [PartialEq],
         with: {
-            "portcullis:plugin/types@0.1.0": crate::__bindings::guardrail::portcullis::plugin::types,
-            "portcullis:plugin/host@0.1.0": crate::__bindings::guardrail::portcullis::plugin::host,
+            "portcullis:plugin/types@0.2.0": crate::__bindings::guardrail::portcullis::plugin::types,
+            "portcullis:plugin/host@0.2.0": crate::__bindings::guardrail::portcullis::plugin::host,
         },
     });
 }

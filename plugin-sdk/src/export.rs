@@ -78,19 +78,27 @@ macro_rules! __export_kind {
         impl $crate::__bindings::guardrail::exports::portcullis::plugin::guardrail::Guest
             for __PortcullisGuardrail
         {
-            fn check_request(request: $crate::Request) -> $crate::RequestVerdict {
+            fn check_request(
+                request: &$crate::__bindings::guardrail::portcullis::plugin::types::Request,
+            ) -> $crate::RequestVerdict {
+                let request = $crate::Request::lent(request);
                 <$plugin as $crate::Guardrail>::check_request($get(), &request)
             }
 
             fn check_response(
-                request: $crate::Request,
+                request: &$crate::__bindings::guardrail::portcullis::plugin::types::Request,
                 response: $crate::Response,
             ) -> $crate::ResponseVerdict {
+                let request = $crate::Request::lent(request);
                 <$plugin as $crate::Guardrail>::check_response($get(), &request, &response)
             }
 
-            fn check_stream(delta: $crate::StreamDelta) -> $crate::StreamVerdict {
-                <$plugin as $crate::Guardrail>::check_stream($get(), &delta)
+            fn check_stream(
+                request: &$crate::__bindings::guardrail::portcullis::plugin::types::Request,
+                delta: $crate::StreamDelta,
+            ) -> $crate::StreamVerdict {
+                let request = $crate::Request::lent(request);
+                <$plugin as $crate::Guardrail>::check_stream($get(), &request, &delta)
             }
         }
 
@@ -111,7 +119,10 @@ macro_rules! __export_kind {
         impl $crate::__bindings::enricher::exports::portcullis::plugin::enricher::Guest
             for __PortcullisEnricher
         {
-            fn enrich(request: $crate::Request) -> $crate::Enrichment {
+            fn enrich(
+                request: &$crate::__bindings::guardrail::portcullis::plugin::types::Request,
+            ) -> $crate::Enrichment {
+                let request = $crate::Request::lent(request);
                 <$plugin as $crate::Enricher>::enrich($get(), &request)
             }
         }

@@ -1,7 +1,7 @@
 //! Constructors and defaults for the contract's types, mostly to keep unit tests short.
 
 use crate::{
-    CallEvent, Candidate, Choice, Enrichment, LogLevel, Message, Request, Response, RouteRequest,
+    CallEvent, Candidate, Choice, Enrichment, LogLevel, Message, Response, RouteRequest,
     StreamDelta, Usage,
 };
 use std::fmt;
@@ -14,39 +14,6 @@ impl Message {
             content: content.into(),
             name: None,
             tool_calls: Vec::new(),
-        }
-    }
-}
-
-impl Default for Request {
-    /// An empty chat-completions call with id `test-call`, no messages and `{}` metadata.
-    fn default() -> Self {
-        Self {
-            call_id: "test-call".into(),
-            endpoint: "chat-completions".into(),
-            model: String::new(),
-            messages: Vec::new(),
-            stream: false,
-            key_alias: None,
-            team: None,
-            end_user: None,
-            metadata: "{}".into(),
-            tags: Vec::new(),
-        }
-    }
-}
-
-impl Request {
-    /// A chat-completions call to `model` with `(role, content)` messages, e.g.
-    /// `Request::chat("gpt-4o", &[("system", "be brief"), ("user", "hi")])`.
-    pub fn chat(model: impl Into<String>, messages: &[(&str, &str)]) -> Self {
-        Self {
-            model: model.into(),
-            messages: messages
-                .iter()
-                .map(|(role, content)| Message::new(*role, *content))
-                .collect(),
-            ..Self::default()
         }
     }
 }
@@ -201,17 +168,7 @@ impl fmt::Display for LogLevel {
 
 #[cfg(test)]
 mod tests {
-    use crate::{Request, Response, Usage};
-
-    #[test]
-    fn chat_builds_messages_in_order() {
-        let request = Request::chat("m", &[("system", "s"), ("user", "u")]);
-        assert_eq!(request.model, "m");
-        assert_eq!(request.messages.len(), 2);
-        assert_eq!(request.messages[1].role, "user");
-        assert_eq!(request.messages[1].content, "u");
-        assert_eq!(request.metadata, "{}");
-    }
+    use crate::{Response, Usage};
 
     #[test]
     fn responses_number_their_choices() {

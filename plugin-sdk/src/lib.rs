@@ -14,9 +14,9 @@
 //! }
 //!
 //! impl Guardrail for NoShouting {
-//!     fn check_request(&self, request: &Request) -> RequestVerdict {
+//!     fn check_request(&self, request: &Request<'_>) -> RequestVerdict {
 //!         let shouting = |text: &str| text.len() > 3 && text == text.to_uppercase();
-//!         if request.messages.iter().any(|m| shouting(&m.content)) {
+//!         if request.messages().iter().any(|m| shouting(&m.content)) {
 //!             RequestVerdict::Block("please do not shout".into())
 //!         } else {
 //!             RequestVerdict::Allow
@@ -34,8 +34,10 @@
 //! ```
 //!
 //! Plugin logic is ordinary Rust: call the trait methods from `#[test]`s and run `cargo test` on
-//! the host machine. There, [`log`] prints to stderr and [`request_body`] returns what
-//! [`testing::set_request_body`] set.
+//! the host machine. There, [`log`] prints to stderr, where [`testing::take_logs`] finds it too.
+//!
+//! A [`Request`] is read field by field from the gateway, each field the first time the plugin
+//! reads it: the cost of a call grows with what the plugin reads, not with the request.
 #![deny(missing_docs)]
 
 #[doc(hidden)]
@@ -47,12 +49,14 @@ mod config;
 mod export;
 mod helpers;
 pub mod log;
+mod request;
 pub mod testing;
 
 #[doc(hidden)]
 pub mod __private;
 
 pub use config::Config;
+pub use request::Request;
 
 pub use __bindings::enricher::exports::portcullis::plugin::enricher::Enrichment;
 pub use __bindings::guardrail::exports::portcullis::plugin::guardrail::{
@@ -60,7 +64,7 @@ pub use __bindings::guardrail::exports::portcullis::plugin::guardrail::{
 };
 pub use __bindings::guardrail::portcullis::plugin::host::LogLevel;
 pub use __bindings::guardrail::portcullis::plugin::types::{
-    Choice, Message, Request, Response, StreamDelta, ToolCall, Usage,
+    Choice, Message, Response, StreamDelta, ToolCall, Usage,
 };
 pub use __bindings::hook::exports::portcullis::plugin::hook::{CallEvent, GuardrailOutcome};
 pub use __bindings::router::exports::portcullis::plugin::router::{Candidate, RouteRequest};
@@ -83,20 +87,21 @@ pub trait Plugin: Sized + Send + Sync + 'static {
 /// mutability (a `Mutex` or atomics).
 pub trait Guardrail: Plugin {
     /// Runs before the upstream call (`pre_call`) or alongside it (`during_call`).
-    fn check_request(&self, request: &Request) -> RequestVerdict {
+    fn check_request(&self, request: &Request<'_>) -> RequestVerdict {
         let _ = request;
         RequestVerdict::Allow
     }
 
     /// Runs on a whole, non-streamed response (`post_call`).
-    fn check_response(&self, request: &Request, response: &Response) -> ResponseVerdict {
+    fn check_response(&self, request: &Request<'_>, response: &Response) -> ResponseVerdict {
         let _ = (request, response);
         ResponseVerdict::Allow
     }
 
     /// Runs on each streamed delta, in order. [`StreamVerdict::Hold`] keeps the text back and the
     /// gateway prepends it to the next delta's `text`.
-    fn check_stream(&self, delta: &StreamDelta) -> StreamVerdict {
+    fn check_stream(&self, request: &Request<'_>, delta: &StreamDelta) -> StreamVerdict {
+        let _ = request;
         StreamVerdict::Release(delta.text.clone())
     }
 }
@@ -104,7 +109,7 @@ pub trait Guardrail: Plugin {
 /// Adds metadata and tags to a call before it is routed, or moves it to another model group.
 pub trait Enricher: Plugin {
     /// What to add to this call; [`Enrichment::default`] adds nothing.
-    fn enrich(&self, request: &Request) -> Enrichment;
+    fn enrich(&self, request: &Request<'_>) -> Enrichment;
 }
 
 /// Chooses which deployment of a model group takes each attempt of a call.
@@ -124,21 +129,5 @@ pub trait Hook: Plugin {
     /// The call failed; `event.error` says why.
     fn on_failure(&self, event: &CallEvent) {
         let _ = event;
-    }
-}
-
-/// The client's request body as JSON, every field included (images, tools, sampling options…);
-/// `None` outside a call.
-///
-/// The typed [`Request`] carries the fields most plugins need; use this for the rest. Natively
-/// (in unit tests) it returns what [`testing::set_request_body`] set on this thread.
-pub fn request_body() -> Option<String> {
-    #[cfg(target_arch = "wasm32")]
-    {
-        __bindings::guardrail::portcullis::plugin::host::request_body()
-    }
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        testing::request_body()
     }
 }

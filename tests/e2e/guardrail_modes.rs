@@ -248,8 +248,9 @@ async fn more_streams_than_the_default_stack_pool_each_hold_a_guardrail() {
     // A thousand guarded streams starting at once on a shared machine: the limit is not what
     // this test is about.
     let (upstream, gateway) = pii_gateway("mode: post_call, limits: { timeout_ms: 30000 }").await;
-    // Long enough that more than a thousand are open before the first ones end.
-    upstream.set_delay_per_chunk(Duration::from_millis(500));
+    // Long enough that more than a thousand are open before the first ones end, even when
+    // starting them all takes a loaded machine a few seconds.
+    upstream.set_delay_per_chunk(Duration::from_millis(1_500));
     let mut streams = tokio::task::JoinSet::new();
     for _ in 0..STREAMS {
         let url = url(&gateway);
@@ -260,7 +261,13 @@ async fn more_streams_than_the_default_stack_pool_each_hold_a_guardrail() {
     // More open at one moment than the default pool had stacks.
     let open = || upstream.request_count() - upstream.completed_streams();
     let overlapped = support::wait_until(Duration::from_secs(60), || open() > 1_000).await;
-    assert!(overlapped, "at most {} streams were open at once", open());
+    assert!(
+        overlapped,
+        "at most {} streams were open at once ({} requests, {} completed)",
+        open(),
+        upstream.request_count(),
+        upstream.completed_streams()
+    );
     while let Some(joined) = streams.join_next().await {
         let response = joined.expect("the stream task");
         assert_eq!(response.status, 200, "{}", response.raw);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::client;
-use support::fixtures::{assert_error, chat, start, MASTER, PROMPTLY};
+use support::fixtures::{assert_error, chat, chat_stream, start, MASTER, PROMPTLY};
 use support::{wait_until, wasm, Fault, Gateway, MockUpstream, TempDir};
 
 /// Where `plugins/build` puts the shipped plugins.
@@ -75,7 +75,7 @@ fn inspect_reads_each_shipped_plugins_kinds_from_its_exports() {
         assert!(output.status.success(), "{stdout}");
         assert!(stdout.contains(&format!("kinds:    {kind}\n")), "{stdout}");
         assert!(
-            stdout.contains("portcullis:plugin/lifecycle@0.1.0"),
+            stdout.contains("portcullis:plugin/lifecycle@0.2.0"),
             "{stdout}"
         );
         assert!(stdout.contains("status:   compatible"), "{stdout}");
@@ -335,4 +335,88 @@ async fn team_defaults_enricher_moves_a_teams_default_model_and_tags_the_call() 
     assert!(wait_until(PROMPTLY, || !read().is_empty()).await);
     let line: Value = serde_json::from_str(read().lines().last().expect("a line")).expect("JSON");
     assert_eq!(line["tags"], json!(["research"]), "{line}");
+}
+
+#[test]
+fn inspect_names_the_contract_version_a_component_was_built_against() {
+    let legacy = wasm::built("contract_v0_1");
+    let output = std::process::Command::new(support::gateway::binary_path())
+        .args(["plugins", "inspect"])
+        .arg(&legacy)
+        .output()
+        .expect("run portcullis plugins inspect");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("kinds:    guardrail, enricher\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("contract: portcullis:plugin@0.1.0\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("runs portcullis:plugin@0.2.0, portcullis:plugin@0.1.0"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_built_against_the_0_1_contract_runs_beside_0_2_plugins() {
+    let upstream = MockUpstream::start().await;
+    let audit = TempDir::new("portcullis-audit");
+    let legacy = wasm::built("contract_v0_1");
+    let enabled = format!(
+        r#"    - {{ name: legacy, path: "{legacy}", default_on: true }}
+    - {{ name: legacy-stream, path: "{legacy}", default_on: true, mode: post_call }}
+    - {{ name: audit, path: audit_log.wasm, capabilities: {{ dirs: [{{ host: "{audit}", guest: /audit, write: true }}] }} }}"#,
+        legacy = legacy.display(),
+        audit = audit.path().display()
+    );
+    let gateway = start(&config(&enabled, ""), &upstream).await;
+
+    // The request record carries the model and the key's team.
+    let response = client::post_json(
+        &chat_url(&gateway),
+        Some("sk-research"),
+        &chat("gpt-4o-mini", "a forbidden word"),
+    )
+    .await;
+    let error = assert_error(&response, 400, "guardrail_violation");
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("0.1.0 plugin blocked a call to gpt-4o-mini for team research"),
+        "{message}"
+    );
+
+    // `host.request-body` gives the client's body back.
+    let response = client::post_json(
+        &chat_url(&gateway),
+        MASTER,
+        &chat("gpt-4o-mini", "echo the body"),
+    )
+    .await;
+    let error = assert_error(&response, 400, "guardrail_violation");
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.contains(r#""model":"gpt-4o-mini""#), "{message}");
+
+    // check-stream sees every delta; the enricher's tag reaches the 0.2 audit hook.
+    let response = client::stream_sse(
+        &chat_url(&gateway),
+        MASTER,
+        &chat_stream("echo", "quiet words"),
+    )
+    .await;
+    assert!(response.done(), "{}", response.raw);
+    assert_eq!(response.content(), "QUIET WORDS");
+    let file = audit.path().join("audit.jsonl");
+    let read = || std::fs::read_to_string(&file).unwrap_or_default();
+    assert!(wait_until(PROMPTLY, || read().lines().count() >= 3).await);
+    let line: Value = serde_json::from_str(read().lines().last().expect("a line")).expect("JSON");
+    // Enabled twice, the plugin enriches twice.
+    assert_eq!(
+        line["tags"],
+        json!(["contract-0.1", "contract-0.1"]),
+        "{line}"
+    );
 }

@@ -350,7 +350,7 @@ pub(super) fn check(bytes: &Bytes) -> Option<ApiRequest> {
             .max_completion_tokens
             .or(fields.max_tokens)
             .unwrap_or(0),
-        texts: OnceLock::new(),
+        texts: Default::default(),
         prompt_tokens: OnceLock::new(),
     })
 }

@@ -3,7 +3,7 @@
 //! The body stays a JSON object: only the fields the gateway acts on are checked and copied out, so
 //! **unknown fields reach the upstream unchanged**.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -31,8 +31,8 @@ pub struct ApiRequest {
     /// Guardrails the request asks for by name, besides the default ones.
     pub guardrails: Vec<String>,
     pub(super) max_output_tokens: u64,
-    /// Read once, when first asked for: each plugin asks, and so may the budget and the router.
-    pub(super) texts: OnceLock<Result<Vec<TextView>, UnreadableBody>>,
+    /// Read once, when first asked for: each plugin may ask, and so may the budget and the router.
+    pub(super) texts: Texts,
     pub(super) prompt_tokens: OnceLock<u64>,
 }
 
@@ -44,6 +44,62 @@ pub struct TextView {
     pub name: Option<String>,
     /// (id, function name, arguments) of each tool call.
     pub tool_calls: Vec<(String, String, String)>,
+}
+
+/// The texts of one request ([`ApiRequest::texts`]), read from its body when first asked for.
+/// Clones share what was read.
+#[derive(Debug, Clone, Default)]
+pub struct Texts(Arc<OnceLock<Result<Vec<TextView>, UnreadableBody>>>);
+
+impl Texts {
+    /// The texts of `body`, which must be the body these texts were made for.
+    pub fn get(
+        &self,
+        endpoint: Endpoint,
+        body: &RequestBody,
+    ) -> Result<&[TextView], UnreadableBody> {
+        match self.0.get_or_init(|| read_texts(endpoint, body)) {
+            Ok(texts) => Ok(texts),
+            Err(e) => Err(e.clone()),
+        }
+    }
+}
+
+fn read_texts(endpoint: Endpoint, body: &RequestBody) -> Result<Vec<TextView>, UnreadableBody> {
+    if let Some(texts) = body.sent().and_then(|(sent, _)| {
+        // Only a chat body is kept as sent.
+        super::borrowed_chat::texts(sent)
+    }) {
+        return Ok(texts);
+    }
+    let body = body.object()?;
+    let user = |content: String| TextView {
+        role: "user".into(),
+        content,
+        name: None,
+        tool_calls: Vec::new(),
+    };
+    let field = match endpoint {
+        Endpoint::ChatCompletions => {
+            let messages = body.get("messages").and_then(Value::as_array);
+            return Ok(messages.into_iter().flatten().map(message_view).collect());
+        }
+        Endpoint::Completions => "prompt",
+        Endpoint::Embeddings => "input",
+    };
+    Ok(match body.get(field) {
+        Some(Value::String(text)) => vec![user(text.clone())],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| {
+                user(
+                    item.as_str()
+                        .map_or_else(|| item.to_string(), str::to_owned),
+                )
+            })
+            .collect(),
+        _ => Vec::new(),
+    })
 }
 
 type Check = Result<(), GatewayError>;
@@ -152,7 +208,7 @@ impl ApiRequest {
             metadata,
             guardrails,
             max_output_tokens,
-            texts: OnceLock::new(),
+            texts: Texts::default(),
             prompt_tokens: OnceLock::new(),
         })
     }
@@ -166,10 +222,13 @@ impl ApiRequest {
     /// The texts a plugin checks: chat messages, a completion's prompts, or embedding inputs
     /// (the last two as user messages, in order).
     pub fn texts(&self) -> Result<&[TextView], UnreadableBody> {
-        match self.texts.get_or_init(|| self.read_texts()) {
-            Ok(texts) => Ok(texts),
-            Err(e) => Err(e.clone()),
-        }
+        self.texts.get(self.endpoint, &self.body)
+    }
+
+    /// The texts, to be read later (or never) by a holder that outlives this borrow, such as a
+    /// plugin call; whoever reads them first reads them for everyone.
+    pub fn shared_texts(&self) -> Texts {
+        self.texts.clone()
     }
 
     /// A prompt-size estimate, for usage-aware routing and token rate limits.
@@ -197,43 +256,6 @@ impl ApiRequest {
             }
         };
         Ok(*self.prompt_tokens.get_or_init(|| tokens))
-    }
-
-    fn read_texts(&self) -> Result<Vec<TextView>, UnreadableBody> {
-        if let Some(texts) = self.body.sent().and_then(|(sent, _)| {
-            // Only a chat body is kept as sent.
-            super::borrowed_chat::texts(sent)
-        }) {
-            return Ok(texts);
-        }
-        let body = self.body.object()?;
-        let user = |content: String| TextView {
-            role: "user".into(),
-            content,
-            name: None,
-            tool_calls: Vec::new(),
-        };
-        let field = match self.endpoint {
-            Endpoint::ChatCompletions => {
-                let messages = body.get("messages").and_then(Value::as_array);
-                return Ok(messages.into_iter().flatten().map(message_view).collect());
-            }
-            Endpoint::Completions => "prompt",
-            Endpoint::Embeddings => "input",
-        };
-        Ok(match body.get(field) {
-            Some(Value::String(text)) => vec![user(text.clone())],
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|item| {
-                    user(
-                        item.as_str()
-                            .map_or_else(|| item.to_string(), str::to_owned),
-                    )
-                })
-                .collect(),
-            _ => Vec::new(),
-        })
     }
 
     /// The body with the texts at these indices (as [`ApiRequest::texts`] numbers them) replaced.

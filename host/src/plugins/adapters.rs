@@ -2,9 +2,8 @@
 
 use std::sync::Arc;
 
-use super::v0_1::{self, enricher, guardrail};
-use super::{CallScope, LoadedPlugin, PluginFailure, StreamSession};
-use crate::call::{Call, CallRecord, Outcome};
+use super::{CallScope, LoadedPlugin, PluginFailure, RequestFacts, StreamSession, TextVerdict};
+use crate::call::{Call, CallRecord};
 use crate::config::OnError;
 use crate::error::GatewayError;
 use crate::extension::{
@@ -15,9 +14,21 @@ use crate::openai::ApiRequest;
 use crate::providers::JsonObject;
 
 fn scope(call: &Call, request: &ApiRequest) -> CallScope {
+    let principal = call.principal.as_deref();
     CallScope {
         call_id: Some(call.id.clone()),
-        request_body: Some(request.body.clone()),
+        request: Some(RequestFacts {
+            endpoint: call.endpoint,
+            model: call.model.clone(),
+            stream: request.stream,
+            key_alias: principal.and_then(|p| p.alias.clone()),
+            team: principal.and_then(|p| p.team.clone()),
+            end_user: call.end_user.clone(),
+            metadata: call.metadata.clone(),
+            tags: call.tags.clone(),
+            body: request.body.clone(),
+            texts: request.shared_texts(),
+        }),
     }
 }
 
@@ -28,6 +39,9 @@ fn on_failure<T>(
     call_id: &str,
     fail_open: T,
 ) -> Result<T, GatewayError> {
+    if let PluginFailure::Body(unreadable) = failure {
+        return Err(unreadable.into());
+    }
     match policy {
         OnError::Allow => {
             tracing::warn!(call_id, error = %failure, "plugin failed; continuing as configured (on_error: allow)");
@@ -64,15 +78,10 @@ impl Guardrail for WasmGuardrail {
         request: &'a ApiRequest,
     ) -> BoxFuture<'a, Result<Verdict, GatewayError>> {
         Box::pin(async move {
-            let view = v0_1::request(call, request)?;
-            match self.plugin.check_request(scope(call, request), &view).await {
-                Ok(guardrail::RequestVerdict::Allow) => Ok(Verdict::Allow),
-                Ok(guardrail::RequestVerdict::Block(reason)) => Ok(Verdict::Block { reason }),
-                Ok(guardrail::RequestVerdict::Rewrite(rewrites)) => {
-                    let texts: Vec<(usize, String)> = rewrites
-                        .into_iter()
-                        .map(|r| (r.index as usize, r.content))
-                        .collect();
+            match self.plugin.check_request(scope(call, request)).await {
+                Ok(TextVerdict::Allow) => Ok(Verdict::Allow),
+                Ok(TextVerdict::Block(reason)) => Ok(Verdict::Block { reason }),
+                Ok(TextVerdict::Rewrite(texts)) => {
                     Ok(Verdict::Rewrite(request.with_texts(&texts)?))
                 }
                 Err(failure) => on_failure(failure, self.on_error, &call.id, Verdict::Allow),
@@ -87,23 +96,14 @@ impl Guardrail for WasmGuardrail {
         response: &'a JsonObject,
     ) -> BoxFuture<'a, Result<ResponseVerdict, GatewayError>> {
         Box::pin(async move {
-            let view = v0_1::request(call, request)?;
-            let answer = v0_1::response(response);
             let verdict = self
                 .plugin
-                .check_response(scope(call, request), &view, &answer)
+                .check_response(scope(call, request), response)
                 .await;
             match verdict {
-                Ok(guardrail::ResponseVerdict::Allow) => Ok(ResponseVerdict::Allow),
-                Ok(guardrail::ResponseVerdict::Block(reason)) => {
-                    Ok(ResponseVerdict::Block { reason })
-                }
-                Ok(guardrail::ResponseVerdict::Rewrite(rewrites)) => Ok(ResponseVerdict::Rewrite(
-                    rewrites
-                        .into_iter()
-                        .map(|r| (r.index as usize, r.text))
-                        .collect(),
-                )),
+                Ok(TextVerdict::Allow) => Ok(ResponseVerdict::Allow),
+                Ok(TextVerdict::Block(reason)) => Ok(ResponseVerdict::Block { reason }),
+                Ok(TextVerdict::Rewrite(texts)) => Ok(ResponseVerdict::Rewrite(texts)),
                 Err(failure) => {
                     on_failure(failure, self.on_error, &call.id, ResponseVerdict::Allow)
                 }
@@ -143,24 +143,19 @@ impl StreamCheck for WasmStreamCheck {
             let Some(session) = self.session.as_mut() else {
                 return Ok(release());
             };
-            let failure = match session.check(&v0_1::stream_delta(delta)).await {
-                Ok(guardrail::StreamVerdict::Release(text)) => {
-                    return Ok(StreamVerdict::Release(text))
-                }
-                Ok(guardrail::StreamVerdict::Block(reason)) => {
-                    return Ok(StreamVerdict::Block { reason })
-                }
-                Ok(guardrail::StreamVerdict::Hold)
+            let failure = match session.check(&delta).await {
+                Ok(StreamVerdict::Hold)
                     if !delta.finished && delta.text.len() <= MAX_HELD_BYTES =>
                 {
                     return Ok(StreamVerdict::Hold)
                 }
                 // Holding the last delta, or without bound, keeps text back for ever.
-                Ok(guardrail::StreamVerdict::Hold) => session.plugin.trap(format!(
+                Ok(StreamVerdict::Hold) => session.plugin.trap(format!(
                     "it held back {} bytes of a stream{}",
                     delta.text.len(),
                     if delta.finished { " at its end" } else { "" }
                 )),
+                Ok(verdict) => return Ok(verdict),
                 Err(failure) => failure,
             };
             self.session = None;
@@ -193,30 +188,11 @@ impl Enricher for WasmEnricher {
         request: &'a ApiRequest,
     ) -> BoxFuture<'a, Result<Enrichment, GatewayError>> {
         Box::pin(async move {
-            let view = v0_1::request(call, request)?;
-            match self.plugin.enrich(scope(call, request), &view).await {
-                Ok(Some(enrichment)) => Ok(convert_enrichment(enrichment)),
-                Ok(None) => Ok(Enrichment::default()),
+            match self.plugin.enrich(scope(call, request)).await {
+                Ok(enrichment) => Ok(enrichment),
                 Err(failure) => on_failure(failure, self.on_error, &call.id, Enrichment::default()),
             }
         })
-    }
-}
-
-fn convert_enrichment(enrichment: enricher::Enrichment) -> Enrichment {
-    let metadata = enrichment
-        .metadata
-        .into_iter()
-        .map(|(key, value)| {
-            // Values are JSON; a plain word that is not JSON is kept as a string.
-            let value = serde_json::from_str(&value).unwrap_or(serde_json::Value::String(value));
-            (key, value)
-        })
-        .collect();
-    Enrichment {
-        metadata,
-        tags: enrichment.tags,
-        model: enrichment.model.filter(|m| !m.is_empty()),
     }
 }
 
@@ -249,18 +225,11 @@ impl RoutingStrategy for WasmRouter {
         candidates: &'a [Candidate],
     ) -> BoxFuture<'a, Option<usize>> {
         Box::pin(async move {
-            let view = v0_1::router::RouteRequest {
-                call_id: request.call_id.to_owned(),
-                group: request.group.to_owned(),
-                estimated_tokens: request.estimated_tokens,
-                stream: request.stream,
-            };
-            let offered: Vec<_> = candidates.iter().map(v0_1::candidate).collect();
             let scope = CallScope {
                 call_id: Some(request.call_id.to_owned()),
-                request_body: None,
+                request: None,
             };
-            match self.plugin.choose(scope, &view, &offered).await {
+            match self.plugin.choose(scope, request, candidates).await {
                 Ok(ranked) => {
                     if let Some(&first) = ranked.iter().find(|&&i| (i as usize) < candidates.len())
                     {
@@ -296,13 +265,11 @@ impl CallHook for WasmHook {
 
     fn on_call_end<'a>(&'a self, record: &'a CallRecord) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let event = v0_1::call_event(record);
             let scope = CallScope {
                 call_id: Some(record.call_id.clone()),
-                request_body: None,
+                request: None,
             };
-            let success = record.outcome == Outcome::Success;
-            if let Err(failure) = self.plugin.on_call_end(scope, &event, success).await {
+            if let Err(failure) = self.plugin.on_call_end(scope, record).await {
                 tracing::warn!(call_id = %record.call_id, error = %failure, "post-call hook failed");
             }
         })

@@ -6,12 +6,16 @@
 //! thrown away afterwards, so nothing a call leaves behind is seen by the next.
 //!
 //! `adapters` implements the traits of `extension.rs` over loaded plugins; the pipeline sees only
-//! those traits. This module never imports `providers` or `server`.
+//! those traits. Each supported WIT version has a module (`v0_1`, `v0_2`); a plugin's
+//! [`Contract`] says which one its calls go to. This module never imports `server` or
+//! `pipeline`, and from `providers` only data types.
 
 mod adapters;
+mod contract;
 mod store;
 mod timing;
 mod v0_1;
+mod v0_2;
 
 pub use timing::CallSummary;
 
@@ -27,12 +31,17 @@ use wasmtime::component::{Component, Instance, InstancePre, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
 pub use adapters::{WasmEnricher, WasmGuardrail, WasmHook, WasmRouter};
-pub use store::CallScope;
+pub use store::{CallScope, RequestFacts};
 use store::{Sandbox, StoreState};
-use v0_1::{enricher, guardrail, hook, lifecycle, router};
 
+use crate::call::CallRecord;
 use crate::config::{Config as GatewayConfig, InstanceMode, PluginConfig, MAX_PLUGIN_MEMORY_MB};
 use crate::digest::hex;
+use crate::extension::{Candidate, Enrichment, RouteRequest, StreamDelta, StreamVerdict};
+use crate::providers::{JsonObject, UnreadableBody};
+
+/// The WIT packages this gateway runs plugins of, newest first.
+pub const SUPPORTED: [&str; 2] = [v0_2::PACKAGE, v0_1::PACKAGE];
 
 /// How often the epoch advances: the granularity of plugin deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -70,6 +79,63 @@ pub enum PluginFailure {
     Timeout { plugin: String, limit_ms: u64 },
     #[error("plugin '{plugin}' failed: {reason}")]
     Trap { plugin: String, reason: String },
+    /// The gateway could not read the request back for the plugin: the call's fault, not the
+    /// plugin's, so it fails the call whatever the plugin's `on_error`.
+    #[error(transparent)]
+    Body(UnreadableBody),
+}
+
+/// A guardrail's answer on a request's messages or a response's choices, in any version.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TextVerdict {
+    Allow,
+    Block(String),
+    /// New texts by message (or choice) index.
+    Rewrite(Vec<(usize, String)>),
+}
+
+/// The kinds a component implements.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Kinds {
+    pub guardrail: bool,
+    pub enricher: bool,
+    pub router: bool,
+    pub hook: bool,
+}
+
+impl Kinds {
+    pub fn names(self) -> Vec<&'static str> {
+        [
+            (self.guardrail, "guardrail"),
+            (self.enricher, "enricher"),
+            (self.router, "router"),
+            (self.hook, "hook"),
+        ]
+        .into_iter()
+        .filter_map(|(present, kind)| present.then_some(kind))
+        .collect()
+    }
+}
+
+/// An enricher's answer, the same in every version. Values are JSON; a plain word that is not
+/// JSON is kept as a string.
+fn enrichment(
+    metadata: Vec<(String, String)>,
+    tags: Vec<String>,
+    model: Option<String>,
+) -> Enrichment {
+    let metadata = metadata
+        .into_iter()
+        .map(|(key, value)| {
+            let value = serde_json::from_str(&value).unwrap_or(serde_json::Value::String(value));
+            (key, value)
+        })
+        .collect();
+    Enrichment {
+        metadata,
+        tags,
+        model: model.filter(|m| !m.is_empty()),
+    }
 }
 
 /// The process's WebAssembly engine and everything shared across configurations.
@@ -98,6 +164,7 @@ impl PluginRuntime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .and_then(|()| v0_1::add_to_linker(&mut linker))
+            .and_then(|()| v0_2::add_to_linker(&mut linker))
             .map_err(|e| PluginError::Engine(e.to_string()))?;
         Ok(Arc::new(PluginRuntime {
             engine,
@@ -152,14 +219,13 @@ impl PluginRuntime {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| incompatible(describe_imports(&component, &self.engine, &e)))?;
-        let exports = Exports::of(&pre);
-        if exports.kinds().is_empty() {
+        let Some(exports) = Contract::of(&pre) else {
             return Err(incompatible(format!(
-                "{} exports none of {}/guardrail, enricher, router or hook",
+                "{} {}",
                 path.display(),
-                v0_1::PACKAGE
+                exports_nothing()
             )));
-        }
+        };
         let config_json = match &config.config {
             Some(value) => serde_json::to_string(value).map_err(|e| PluginError::Init {
                 plugin: config.name.clone(),
@@ -221,29 +287,23 @@ impl PluginRuntime {
             .imports(&self.engine)
             .map(|(n, _)| n.to_owned())
             .collect();
-        let (kinds, problem) = match self.linker.instantiate_pre(&component) {
-            Ok(pre) => {
-                let exports = Exports::of(&pre);
-                let kinds = exports.kinds();
-                let problem = kinds.is_empty().then(|| {
-                    format!(
-                        "it exports none of {}/guardrail, enricher, router or hook",
-                        v0_1::PACKAGE
-                    )
-                });
-                (kinds, problem)
-            }
-            Err(e) => (
-                Vec::new(),
-                Some(describe_imports(&component, &self.engine, &e)),
-            ),
+        let (contract, problem) = match self.linker.instantiate_pre(&component) {
+            Ok(pre) => match Contract::of(&pre) {
+                Some(contract) => (Some(contract), None),
+                None => (None, Some(format!("it {}", exports_nothing()))),
+            },
+            Err(e) => (None, Some(describe_imports(&component, &self.engine, &e))),
         };
         Ok(Inspection {
             content_hash: hex(&hash),
             exports,
             imports,
-            kinds,
-            supported: v0_1::PACKAGE,
+            kinds: contract
+                .as_ref()
+                .map(|c| c.kinds().names())
+                .unwrap_or_default(),
+            contract: contract.as_ref().map(Contract::package),
+            supported: &SUPPORTED,
             problem,
         })
     }
@@ -322,6 +382,13 @@ fn pooled_engine() -> wasmtime::Result<Engine> {
     Engine::new(&config)
 }
 
+fn exports_nothing() -> String {
+    format!(
+        "exports no guardrail, enricher, router or hook of {}",
+        SUPPORTED.join(" or ")
+    )
+}
+
 /// Explains an import mismatch, naming the WIT version the component was built against.
 fn describe_imports(component: &Component, engine: &Engine, err: &wasmtime::Error) -> String {
     let ours: Vec<String> = component
@@ -330,13 +397,15 @@ fn describe_imports(component: &Component, engine: &Engine, err: &wasmtime::Erro
         .map(|(name, _)| name.to_owned())
         .filter(|name| name.starts_with("portcullis:plugin/"))
         .collect();
-    match ours
-        .iter()
-        .find(|name| !name.ends_with(&v0_1::PACKAGE["portcullis:plugin".len()..]))
-    {
+    let supported = |name: &str| {
+        SUPPORTED
+            .iter()
+            .any(|package| name.ends_with(&package["portcullis:plugin".len()..]))
+    };
+    match ours.iter().find(|name| !supported(name)) {
         Some(other) => format!(
             "it imports {other}, but this gateway supports {}: {err:#}",
-            v0_1::PACKAGE
+            SUPPORTED.join(" and ")
         ),
         None => format!("its imports cannot be satisfied: {err:#}"),
     }
@@ -350,43 +419,74 @@ pub struct Inspection {
     pub imports: Vec<String>,
     /// guardrail, enricher, router, hook: what the gateway would use it as.
     pub kinds: Vec<&'static str>,
-    /// The plugin WIT version this gateway runs.
-    pub supported: &'static str,
+    /// The WIT package the component was built against, if the gateway can run it.
+    pub contract: Option<&'static str>,
+    /// The WIT packages this gateway runs.
+    pub supported: &'static [&'static str],
     /// Why the gateway could not run it, if it could not.
     pub problem: Option<String>,
 }
 
-/// Which interfaces a component exports.
-struct Exports {
-    lifecycle: Option<lifecycle::GuestIndices>,
-    guardrail: Option<guardrail::GuestIndices>,
-    enricher: Option<enricher::GuestIndices>,
-    router: Option<router::GuestIndices>,
-    hook: Option<hook::GuestIndices>,
+/// The contract version a component was built against, and what it exports of it.
+enum Contract {
+    V0_1(v0_1::Exports),
+    V0_2(v0_2::Exports),
 }
 
-impl Exports {
-    fn of(pre: &InstancePre<StoreState>) -> Exports {
-        Exports {
-            lifecycle: lifecycle::GuestIndices::new(pre).ok(),
-            guardrail: guardrail::GuestIndices::new(pre).ok(),
-            enricher: enricher::GuestIndices::new(pre).ok(),
-            router: router::GuestIndices::new(pre).ok(),
-            hook: hook::GuestIndices::new(pre).ok(),
+impl Contract {
+    /// The newest version the component exports a kind of; `None` if it exports none.
+    fn of(pre: &InstancePre<StoreState>) -> Option<Contract> {
+        v0_2::Exports::of(pre)
+            .map(Contract::V0_2)
+            .or_else(|| v0_1::Exports::of(pre).map(Contract::V0_1))
+    }
+
+    fn kinds(&self) -> Kinds {
+        match self {
+            Contract::V0_1(exports) => exports.kinds(),
+            Contract::V0_2(exports) => exports.kinds(),
         }
     }
 
-    fn kinds(&self) -> Vec<&'static str> {
-        [
-            (self.guardrail.is_some(), "guardrail"),
-            (self.enricher.is_some(), "enricher"),
-            (self.router.is_some(), "router"),
-            (self.hook.is_some(), "hook"),
-        ]
-        .into_iter()
-        .filter_map(|(present, kind)| present.then_some(kind))
-        .collect()
+    fn package(&self) -> &'static str {
+        match self {
+            Contract::V0_1(_) => v0_1::PACKAGE,
+            Contract::V0_2(_) => v0_2::PACKAGE,
+        }
     }
+
+    fn new_guests(&self) -> Guests {
+        match self {
+            Contract::V0_1(_) => Guests::V0_1(Default::default()),
+            Contract::V0_2(_) => Guests::V0_2(Default::default()),
+        }
+    }
+}
+
+/// An instance's looked-up exports, of its contract's version.
+enum Guests {
+    V0_1(v0_1::Guests),
+    V0_2(v0_2::Guests),
+}
+
+/// Runs `$call` with `$version` naming the version module of the plugin's contract, and
+/// `$exports` and `$guests` that version's.
+macro_rules! by_version {
+    ($contract:expr, $guests:expr, |$version:ident, $exports:ident, $g:ident| $call:expr) => {
+        match ($contract, $guests) {
+            (Contract::V0_1($exports), Guests::V0_1($g)) => {
+                use v0_1 as $version;
+                $call
+            }
+            (Contract::V0_2($exports), Guests::V0_2($g)) => {
+                use v0_2 as $version;
+                $call
+            }
+            _ => Err(wasmtime::format_err!(
+                "an instance of another contract version"
+            )),
+        }
+    };
 }
 
 /// A compiled, checked plugin, ready to be instantiated for calls.
@@ -396,7 +496,7 @@ pub struct LoadedPlugin {
     pub path: PathBuf,
     engine: Engine,
     pre: InstancePre<StoreState>,
-    exports: Exports,
+    exports: Contract,
     config_json: String,
     sandbox: Sandbox,
     timeout: Duration,
@@ -425,17 +525,7 @@ struct Live {
     instance: Instance,
     /// Calls served so far.
     uses: u32,
-    /// The exports this instance has been called through, looked up once: a lookup type-checks
-    /// the functions again.
     guests: Guests,
-}
-
-#[derive(Default)]
-struct Guests {
-    guardrail: Option<guardrail::Guest>,
-    enricher: Option<enricher::Guest>,
-    router: Option<router::Guest>,
-    hook: Option<hook::Guest>,
 }
 
 /// The export in `slot`, loaded into it first if this is the instance's first call through it.
@@ -507,23 +597,28 @@ impl Pool {
 impl LoadedPlugin {
     /// The kinds this plugin implements: guardrail, enricher, router, hook.
     pub fn kinds(&self) -> Vec<&'static str> {
-        self.exports.kinds()
+        self.exports.kinds().names()
+    }
+
+    /// The WIT package the plugin was built against.
+    pub fn contract(&self) -> &'static str {
+        self.exports.package()
     }
 
     pub fn is_guardrail(&self) -> bool {
-        self.exports.guardrail.is_some()
+        self.exports.kinds().guardrail
     }
 
     pub fn is_enricher(&self) -> bool {
-        self.exports.enricher.is_some()
+        self.exports.kinds().enricher
     }
 
     pub fn is_router(&self) -> bool {
-        self.exports.router.is_some()
+        self.exports.kinds().router
     }
 
     pub fn is_hook(&self) -> bool {
-        self.exports.hook.is_some()
+        self.exports.kinds().hook
     }
 
     /// Calls that failed (trap, timeout, memory cap) since the plugin was loaded.
@@ -553,13 +648,15 @@ impl LoadedPlugin {
         store.epoch_deadline_async_yield_and_update(1);
         let run = async {
             let instance = self.pre.instantiate_async(&mut store).await?;
-            if let Some(lifecycle) = &self.exports.lifecycle {
-                let init = lifecycle.load(&mut store, &instance)?;
-                if let Err(reason) = init.call_init(&mut store, &self.config_json).await? {
-                    return Ok(Err(reason));
+            let init = match &self.exports {
+                Contract::V0_1(exports) => {
+                    v0_1::init(exports, &mut store, &instance, &self.config_json).await?
                 }
-            }
-            wasmtime::Result::Ok(Ok(instance))
+                Contract::V0_2(exports) => {
+                    v0_2::init(exports, &mut store, &instance, &self.config_json).await?
+                }
+            };
+            wasmtime::Result::Ok(init.map(|()| instance))
         };
         match self.within(budget, run).await? {
             Err(reason) => Err(self.trap(format!("init rejected the config: {reason}"))),
@@ -567,7 +664,7 @@ impl LoadedPlugin {
                 store,
                 instance,
                 uses: 0,
-                guests: Guests::default(),
+                guests: self.exports.new_guests(),
             }),
         }
     }
@@ -656,6 +753,9 @@ impl LoadedPlugin {
     }
 
     fn failed(&self, err: &wasmtime::Error) -> PluginFailure {
+        if let Some(unreadable) = err.downcast_ref::<UnreadableBody>() {
+            return PluginFailure::Body(unreadable.clone());
+        }
         if matches!(
             err.downcast_ref::<wasmtime::Trap>(),
             Some(wasmtime::Trap::Interrupt)
@@ -673,19 +773,14 @@ impl LoadedPlugin {
         }
     }
 
-    async fn check_request(
-        &self,
-        scope: CallScope,
-        request: &v0_1::types::Request,
-    ) -> Result<guardrail::RequestVerdict, PluginFailure> {
-        let Some(indices) = &self.exports.guardrail else {
-            return Ok(guardrail::RequestVerdict::Allow);
-        };
+    async fn check_request(&self, scope: CallScope) -> Result<TextVerdict, PluginFailure> {
+        if !self.is_guardrail() {
+            return Ok(TextVerdict::Allow);
+        }
         self.with_instance(scope, async |store, instance, guests| {
-            let guest = cached(&mut guests.guardrail, || {
-                indices.load(&mut *store, instance)
-            })?;
-            guest.call_check_request(store, request).await
+            by_version!(&self.exports, guests, |version, exports, guests| {
+                version::check_request(exports, guests, store, instance).await
+            })
         })
         .await
     }
@@ -693,32 +788,27 @@ impl LoadedPlugin {
     async fn check_response(
         &self,
         scope: CallScope,
-        request: &v0_1::types::Request,
-        response: &v0_1::types::Response,
-    ) -> Result<guardrail::ResponseVerdict, PluginFailure> {
-        let Some(indices) = &self.exports.guardrail else {
-            return Ok(guardrail::ResponseVerdict::Allow);
-        };
+        response: &JsonObject,
+    ) -> Result<TextVerdict, PluginFailure> {
+        if !self.is_guardrail() {
+            return Ok(TextVerdict::Allow);
+        }
         self.with_instance(scope, async |store, instance, guests| {
-            let guest = cached(&mut guests.guardrail, || {
-                indices.load(&mut *store, instance)
-            })?;
-            guest.call_check_response(store, request, response).await
+            by_version!(&self.exports, guests, |version, exports, guests| {
+                version::check_response(exports, guests, store, instance, response).await
+            })
         })
         .await
     }
 
-    async fn enrich(
-        &self,
-        scope: CallScope,
-        request: &v0_1::types::Request,
-    ) -> Result<Option<enricher::Enrichment>, PluginFailure> {
-        let Some(indices) = &self.exports.enricher else {
-            return Ok(None);
-        };
+    async fn enrich(&self, scope: CallScope) -> Result<Enrichment, PluginFailure> {
+        if !self.is_enricher() {
+            return Ok(Enrichment::default());
+        }
         self.with_instance(scope, async |store, instance, guests| {
-            let guest = cached(&mut guests.enricher, || indices.load(&mut *store, instance))?;
-            guest.call_enrich(store, request).await.map(Some)
+            by_version!(&self.exports, guests, |version, exports, guests| {
+                version::enrich(exports, guests, store, instance).await
+            })
         })
         .await
     }
@@ -726,15 +816,16 @@ impl LoadedPlugin {
     async fn choose(
         &self,
         scope: CallScope,
-        request: &router::RouteRequest,
-        candidates: &[router::Candidate],
+        request: &RouteRequest<'_>,
+        candidates: &[Candidate],
     ) -> Result<Vec<u32>, PluginFailure> {
-        let Some(indices) = &self.exports.router else {
+        if !self.is_router() {
             return Ok(Vec::new());
-        };
+        }
         self.with_instance(scope, async |store, instance, guests| {
-            let guest = cached(&mut guests.router, || indices.load(&mut *store, instance))?;
-            guest.call_choose(store, request, candidates).await
+            by_version!(&self.exports, guests, |version, exports, guests| {
+                version::choose(exports, guests, store, instance, request, candidates).await
+            })
         })
         .await
     }
@@ -742,19 +833,15 @@ impl LoadedPlugin {
     async fn on_call_end(
         &self,
         scope: CallScope,
-        event: &hook::CallEvent,
-        success: bool,
+        record: &CallRecord,
     ) -> Result<(), PluginFailure> {
-        let Some(indices) = &self.exports.hook else {
+        if !self.is_hook() {
             return Ok(());
-        };
+        }
         self.with_instance(scope, async |store, instance, guests| {
-            let guest = cached(&mut guests.hook, || indices.load(&mut *store, instance))?;
-            if success {
-                guest.call_on_success(store, event).await
-            } else {
-                guest.call_on_failure(store, event).await
-            }
+            by_version!(&self.exports, guests, |version, exports, guests| {
+                version::on_call_end(exports, guests, store, instance, record).await
+            })
         })
         .await
     }
@@ -788,14 +875,11 @@ impl StreamSession {
     }
 
     /// Each delta gets the plugin's whole time limit (the first one including the start).
-    async fn check(
-        &mut self,
-        delta: &v0_1::types::StreamDelta,
-    ) -> Result<guardrail::StreamVerdict, PluginFailure> {
+    async fn check(&mut self, delta: &StreamDelta<'_>) -> Result<StreamVerdict, PluginFailure> {
         let plugin = &self.plugin;
-        let Some(indices) = &plugin.exports.guardrail else {
-            return Ok(guardrail::StreamVerdict::Release(delta.text.clone()));
-        };
+        if !plugin.is_guardrail() {
+            return Ok(StreamVerdict::Release(delta.text.to_owned()));
+        }
         let (live, scope) = (&mut self.live, &mut self.scope);
         plugin
             .metered(async |budget| {
@@ -806,11 +890,16 @@ impl StreamSession {
                         plugin.instantiate(scope, budget).await?
                     }
                 };
+                let Live {
+                    store,
+                    instance,
+                    guests,
+                    ..
+                } = &mut current;
                 let call = async {
-                    let guest = cached(&mut current.guests.guardrail, || {
-                        indices.load(&mut current.store, &current.instance)
-                    })?;
-                    guest.call_check_stream(&mut current.store, delta).await
+                    by_version!(&plugin.exports, guests, |version, exports, guests| {
+                        version::check_stream(exports, guests, store, instance, delta).await
+                    })
                 };
                 // A failed instance is dropped, never used again.
                 let verdict = plugin.within(budget, call).await?;

@@ -10,7 +10,8 @@ use wasmtime_wasi::{
     FsPerms, HostMonotonicClock, HostWallClock, ResourceTable, WasiCtx, WasiCtxView, WasiView,
 };
 
-use crate::providers::RequestBody;
+use crate::openai::{TextView, Texts};
+use crate::providers::{Endpoint, JsonObject, RequestBody, UnreadableBody};
 
 /// A directory grant, resolved to a host path.
 #[derive(Debug, Clone)]
@@ -32,8 +33,38 @@ pub struct Sandbox {
 #[derive(Debug, Clone, Default)]
 pub struct CallScope {
     pub call_id: Option<String>,
-    pub request_body: Option<RequestBody>,
+    /// The request a guardrail or enricher serves; `None` for routers and hooks.
+    pub request: Option<RequestFacts>,
 }
+
+/// The fields of a request as a plugin may read them, copied when its call starts. Only what is
+/// cheap to copy is copied; the texts are read from the body when a plugin first asks.
+#[derive(Debug, Clone)]
+pub struct RequestFacts {
+    pub endpoint: Endpoint,
+    pub model: String,
+    pub stream: bool,
+    pub key_alias: Option<String>,
+    pub team: Option<String>,
+    pub end_user: Option<String>,
+    pub metadata: JsonObject,
+    pub tags: Vec<String>,
+    pub body: RequestBody,
+    pub texts: Texts,
+}
+
+impl RequestFacts {
+    pub fn texts(&self) -> Result<&[TextView], UnreadableBody> {
+        self.texts.get(self.endpoint, &self.body)
+    }
+
+    pub fn metadata_json(&self) -> String {
+        serde_json::to_string(&self.metadata).unwrap_or_else(|_| "{}".into())
+    }
+}
+
+/// Longest log message a plugin may write in one call; the rest is cut.
+const MAX_LOG_MESSAGE: usize = 8 * 1024;
 
 /// The data of one store: one plugin instance serving one call.
 pub struct StoreState {
@@ -93,6 +124,36 @@ impl StoreState {
 
     pub fn limiter(&mut self) -> &mut dyn ResourceLimiter {
         &mut self.limits
+    }
+
+    /// A plugin's log line, into the gateway's log with its name and call id. Long messages are
+    /// cut at [`MAX_LOG_MESSAGE`] bytes.
+    pub fn write_log(&self, level: tracing::Level, mut message: String) {
+        if message.len() > MAX_LOG_MESSAGE {
+            let mut end = MAX_LOG_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        let plugin = &*self.plugin;
+        let call_id = self.scope.call_id.as_deref().unwrap_or("-");
+        // `tracing` takes levels as constants, hence one arm each.
+        match level {
+            tracing::Level::TRACE => {
+                tracing::trace!(target: "portcullis::plugin", plugin, call_id, "{message}")
+            }
+            tracing::Level::DEBUG => {
+                tracing::debug!(target: "portcullis::plugin", plugin, call_id, "{message}")
+            }
+            tracing::Level::INFO => {
+                tracing::info!(target: "portcullis::plugin", plugin, call_id, "{message}")
+            }
+            tracing::Level::WARN => {
+                tracing::warn!(target: "portcullis::plugin", plugin, call_id, "{message}")
+            }
+            _ => tracing::error!(target: "portcullis::plugin", plugin, call_id, "{message}"),
+        }
     }
 }
 

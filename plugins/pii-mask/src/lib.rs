@@ -64,10 +64,10 @@ impl Plugin for PiiMask {
 }
 
 impl Guardrail for PiiMask {
-    fn check_request(&self, request: &Request) -> RequestVerdict {
+    fn check_request(&self, request: &Request<'_>) -> RequestVerdict {
         let mut kinds = Vec::new();
         let mut rewrites = Vec::new();
-        for (index, message) in (0u32..).zip(&request.messages) {
+        for (index, message) in (0u32..).zip(request.messages()) {
             if let Some(masked) = self.scan(&message.content, &mut kinds) {
                 rewrites.push(MessageRewrite {
                     index,
@@ -82,7 +82,7 @@ impl Guardrail for PiiMask {
         }
     }
 
-    fn check_response(&self, _request: &Request, response: &Response) -> ResponseVerdict {
+    fn check_response(&self, _request: &Request<'_>, response: &Response) -> ResponseVerdict {
         let mut kinds = Vec::new();
         let mut rewrites = Vec::new();
         for choice in &response.choices {
@@ -104,7 +104,7 @@ impl Guardrail for PiiMask {
     /// to the next delta), up to [`HOLD_LIMIT`] bytes; otherwise releases it masked. The end of
     /// the already-released text is scanned along with it, so a match cut by a forced release
     /// still has its remainder masked.
-    fn check_stream(&self, delta: &StreamDelta) -> StreamVerdict {
+    fn check_stream(&self, _request: &Request<'_>, delta: &StreamDelta) -> StreamVerdict {
         let text = &delta.text;
         if !delta.finished && text.len() < HOLD_LIMIT && scan::could_grow(text, self.entities) {
             return StreamVerdict::Hold;
@@ -307,7 +307,7 @@ mod tests {
                 i + 1 == deltas.len(),
             );
             held.clear();
-            let verdict = guard.check_stream(&delta);
+            let verdict = guard.check_stream(&Request::default(), &delta);
             match &verdict {
                 StreamVerdict::Release(text) => released.push_str(text),
                 StreamVerdict::Hold => held = delta.text.clone(),
@@ -346,19 +346,22 @@ mod tests {
         let guard = masking();
         let delta = StreamDelta::new("Hello, ", "", false);
         assert_eq!(
-            guard.check_stream(&delta),
+            guard.check_stream(&Request::default(), &delta),
             StreamVerdict::Release("Hello, ".into())
         );
         let delta = StreamDelta::new("Hello", "", false);
-        assert_eq!(guard.check_stream(&delta), StreamVerdict::Hold);
+        assert_eq!(
+            guard.check_stream(&Request::default(), &delta),
+            StreamVerdict::Hold
+        );
         // Without emails, words are never held; numbers still are.
         let numbers = plugin(r#"{"entities": ["phone", "credit_card", "ssn"]}"#);
         assert_eq!(
-            numbers.check_stream(&StreamDelta::new("Hello", "", false)),
+            numbers.check_stream(&Request::default(), &StreamDelta::new("Hello", "", false)),
             StreamVerdict::Release("Hello".into())
         );
         assert_eq!(
-            numbers.check_stream(&StreamDelta::new("room 5", "", false)),
+            numbers.check_stream(&Request::default(), &StreamDelta::new("room 5", "", false)),
             StreamVerdict::Hold
         );
     }
@@ -376,10 +379,16 @@ mod tests {
     #[test]
     fn stream_holds_are_bounded() {
         let long = "a".repeat(HOLD_LIMIT);
-        let verdict = masking().check_stream(&StreamDelta::new(long.clone(), "", false));
+        let verdict = masking().check_stream(
+            &Request::default(),
+            &StreamDelta::new(long.clone(), "", false),
+        );
         assert_eq!(verdict, StreamVerdict::Release(long));
         let just_under = "a".repeat(HOLD_LIMIT - 1);
-        let verdict = masking().check_stream(&StreamDelta::new(just_under, "", false));
+        let verdict = masking().check_stream(
+            &Request::default(),
+            &StreamDelta::new(just_under, "", false),
+        );
         assert_eq!(verdict, StreamVerdict::Hold);
     }
 
@@ -388,13 +397,13 @@ mod tests {
         let released = format!("{} jane.doe", "x".repeat(300));
         let delta = StreamDelta::new("@example.com is mine!", released, false);
         assert_eq!(
-            masking().check_stream(&delta),
+            masking().check_stream(&Request::default(), &delta),
             StreamVerdict::Release("[EMAIL] is mine!".into())
         );
         // Text that was already released is not matched again.
         let delta = StreamDelta::new(" and more!", "jane@example.com", false);
         assert_eq!(
-            masking().check_stream(&delta),
+            masking().check_stream(&Request::default(), &delta),
             StreamVerdict::Release(" and more!".into())
         );
     }

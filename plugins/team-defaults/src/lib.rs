@@ -46,8 +46,8 @@ struct Defaults {
 impl Defaults {
     /// The model override: only when forced, or when the client asked for the `default` alias.
     /// A client that named a real model keeps it otherwise.
-    fn model_for(&self, request: &Request) -> Option<String> {
-        let wanted = self.force_model || request.model == DEFAULT_MODEL_ALIAS;
+    fn model_for(&self, request: &Request<'_>) -> Option<String> {
+        let wanted = self.force_model || request.model() == DEFAULT_MODEL_ALIAS;
         self.model.clone().filter(|_| wanted)
     }
 
@@ -81,10 +81,9 @@ impl Plugin for TeamDefaults {
 }
 
 impl Enricher for TeamDefaults {
-    fn enrich(&self, request: &Request) -> Enrichment {
+    fn enrich(&self, request: &Request<'_>) -> Enrichment {
         let defaults = request
-            .team
-            .as_deref()
+            .team()
             .and_then(|team| self.teams.get(team))
             .or(self.fallback.as_ref());
         let Some(defaults) = defaults else {
@@ -124,10 +123,11 @@ mod tests {
         TeamDefaults::init(Config::new(config)).expect("valid config")
     }
 
-    fn request(model: &str, team: Option<&str>) -> Request {
-        Request {
-            team: team.map(str::to_string),
-            ..Request::chat(model, &[("user", "hi")])
+    fn request(model: &str, team: Option<&str>) -> Request<'static> {
+        let request = Request::chat(model, &[("user", "hi")]);
+        match team {
+            Some(team) => request.with_team(team),
+            None => request,
         }
     }
 

@@ -59,8 +59,20 @@ pub fn binary_path() -> PathBuf {
         );
         return path;
     }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let exe = format!("portcullis{}", std::env::consts::EXE_SUFFIX);
+    // The test runs from `<target>/<profile>/deps/`: the binary it was built with is two levels
+    // up. The compile-time manifest path below can name another checkout whose build cargo
+    // reused, so it comes second.
+    if let Some(profile_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|test| Some(test.parent()?.parent()?.to_owned()))
+    {
+        let candidate = profile_dir.join(&exe);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut targets = Vec::new();
     if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
         targets.push(workspace.join(dir));

@@ -65,7 +65,7 @@ impl Plugin for Misbehave {
 }
 
 impl Guardrail for Misbehave {
-    fn check_request(&self, _request: &Request) -> RequestVerdict {
+    fn check_request(&self, _request: &Request<'_>) -> RequestVerdict {
         let started = std::time::Instant::now();
         while started.elapsed().as_millis() < u128::from(self.delay_ms) {
             std::hint::spin_loop();
