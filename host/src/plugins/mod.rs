@@ -28,7 +28,9 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use wasmtime::component::{Component, Instance, InstancePre, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline,
+};
 
 pub use adapters::{WasmEnricher, WasmGuardrail, WasmHook, WasmRouter};
 pub use store::{CallScope, RequestFacts};
@@ -540,6 +542,13 @@ fn cached<G>(
     Ok(slot.insert(guest))
 }
 
+/// Starts a call's epoch accounting afresh: its first tick is at least one tick away, and it has
+/// seen none yet. A warm instance's deadline from its last call has long passed.
+fn begin_call(store: &mut Store<StoreState>) {
+    store.set_epoch_deadline(1);
+    store.data_mut().ticks_this_call = 0;
+}
+
 /// What one hook call may spend running guest code, instantiation included. Time spent waiting
 /// for a core does not count, so a burst of calls queued on a busy runtime does not turn into
 /// timeouts; a wall-clock backstop [`BACKSTOP_FACTOR`] times as long bounds a guest that waits on
@@ -641,11 +650,22 @@ impl LoadedPlugin {
             .map_err(|reason| self.trap(reason))?;
         let mut store = Store::new(&self.engine, state);
         store.limiter(StoreState::limiter);
-        // At every epoch tick a running guest yields to the executor, so a plugin spinning in a
-        // loop neither holds a worker thread nor outlives its budget: `within` drops it at the
-        // next yield.
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_async_yield_and_update(1);
+        // At every epoch tick after its first a running guest yields to the executor, so a
+        // plugin spinning in a loop holds a worker thread for at most two ticks and never
+        // outlives its budget: `within` drops it at the next yield.
+        store.epoch_deadline_callback(|mut store| {
+            let state = store.data_mut();
+            state.ticks_this_call += 1;
+            // The first tick can come a moment after the call began; from the second on, the
+            // guest has run a whole tick and yields. Short calls that straddle a tick never
+            // leave their fiber.
+            Ok(if state.ticks_this_call < 2 {
+                UpdateDeadline::Continue(1)
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
+        begin_call(&mut store);
         let run = async {
             let instance = self.pre.instantiate_async(&mut store).await?;
             let init = match &self.exports {
@@ -678,21 +698,33 @@ impl LoadedPlugin {
     ) -> Result<T, PluginFailure> {
         let mut work = std::pin::pin!(work);
         let limit = budget.limit;
+        let backstop = budget.backstop;
         let spent = &mut budget.spent;
-        let metered = std::future::poll_fn(|cx| {
+        // Armed at the guest's first wait only: most calls finish in one poll and never touch
+        // the timer wheel.
+        let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        let outcome = std::future::poll_fn(|cx| {
+            use std::future::Future as _;
+            use std::task::Poll;
             let started = std::time::Instant::now();
             let poll = work.as_mut().poll(cx);
             *spent += started.elapsed();
             match poll {
-                std::task::Poll::Ready(result) => std::task::Poll::Ready(Some(result)),
-                std::task::Poll::Pending if *spent >= limit => std::task::Poll::Ready(None),
-                std::task::Poll::Pending => std::task::Poll::Pending,
+                Poll::Ready(result) => return Poll::Ready(Some(result)),
+                Poll::Pending if *spent >= limit => return Poll::Ready(None),
+                Poll::Pending => {}
             }
-        });
-        match tokio::time::timeout_at(budget.backstop, metered).await {
-            Err(_) | Ok(None) => Err(self.timed_out()),
-            Ok(Some(Err(e))) => Err(self.failed(&e)),
-            Ok(Some(Ok(value))) => Ok(value),
+            let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(backstop)));
+            match timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        match outcome {
+            None => Err(self.timed_out()),
+            Some(Err(e)) => Err(self.failed(&e)),
+            Some(Ok(value)) => Ok(value),
         }
     }
 
@@ -728,6 +760,7 @@ impl LoadedPlugin {
         let mut live = match self.pool.as_ref().and_then(Pool::take) {
             Some(mut live) => {
                 live.store.data_mut().scope = scope;
+                begin_call(&mut live.store);
                 live
             }
             None => self.instantiate(scope, budget).await?,
@@ -896,6 +929,7 @@ impl StreamSession {
                     guests,
                     ..
                 } = &mut current;
+                begin_call(store);
                 let call = async {
                     by_version!(&plugin.exports, guests, |version, exports, guests| {
                         version::check_stream(exports, guests, store, instance, delta).await

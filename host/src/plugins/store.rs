@@ -73,6 +73,8 @@ pub struct StoreState {
     limits: StoreLimits,
     pub(super) plugin: Arc<str>,
     pub(super) scope: CallScope,
+    /// Epoch ticks the current call has seen.
+    pub(super) ticks_this_call: u32,
 }
 
 impl std::fmt::Debug for StoreState {
@@ -119,6 +121,7 @@ impl StoreState {
             limits,
             plugin,
             scope,
+            ticks_this_call: 0,
         })
     }
 
