@@ -160,8 +160,9 @@ async fn one_call(generation: &Generation, kind: Kind, call: &Call, request: &Ap
             let route = RouteRequest {
                 call_id: &call.id,
                 group: "g",
-                estimated_tokens: 500,
+                estimated_tokens: 0,
                 stream: false,
+                origin: Some((call, request)),
             };
             let offered = candidates();
             generation.router.strategy().choose(&route, &offered).await;

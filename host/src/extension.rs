@@ -45,9 +45,12 @@ pub struct RouteRequest<'a> {
     pub call_id: &'a str,
     /// The model group being routed.
     pub group: &'a str,
-    /// Estimated prompt tokens, for usage-aware strategies.
+    /// Estimated prompt tokens, for usage-aware strategies; 0 unless the strategy says it
+    /// [uses the estimate](RoutingStrategy::uses_token_estimate).
     pub estimated_tokens: u64,
     pub stream: bool,
+    /// The call being routed, for strategies that read more of it (plugins); `None` in tests.
+    pub origin: Option<(&'a crate::call::Call, &'a crate::openai::ApiRequest)>,
 }
 
 /// Chooses a deployment among the ones that can take a call now (not cooling down, under their

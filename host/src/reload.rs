@@ -532,6 +532,7 @@ mod tests {
                     group: "a",
                     estimated_tokens: 1,
                     stream: false,
+                    origin: None,
                 },
                 &[],
             )

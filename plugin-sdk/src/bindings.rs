@@ -59,6 +59,7 @@ pub mod router {
         default_bindings_module: "portcullis_plugin_sdk::__bindings::router",
         additional_derives: [PartialEq],
         with: {
+            "portcullis:plugin/types@0.2.0": crate::__bindings::guardrail::portcullis::plugin::types,
             "portcullis:plugin/host@0.2.0": crate::__bindings::guardrail::portcullis::plugin::host,
         },
     });

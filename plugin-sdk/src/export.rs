@@ -145,10 +145,12 @@ macro_rules! __export_kind {
             for __PortcullisRouter
         {
             fn choose(
-                request: $crate::RouteRequest,
+                request: &$crate::__bindings::guardrail::portcullis::plugin::types::Request,
+                group: ::std::string::String,
                 candidates: ::std::vec::Vec<$crate::Candidate>,
             ) -> ::std::vec::Vec<u32> {
-                <$plugin as $crate::Router>::choose($get(), &request, &candidates)
+                let request = $crate::Request::lent(request);
+                <$plugin as $crate::Router>::choose($get(), &request, &group, &candidates)
             }
         }
 

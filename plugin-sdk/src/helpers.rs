@@ -1,8 +1,7 @@
 //! Constructors and defaults for the contract's types, mostly to keep unit tests short.
 
 use crate::{
-    CallEvent, Candidate, Choice, Enrichment, LogLevel, Message, Response, RouteRequest,
-    StreamDelta, Usage,
+    CallEvent, Candidate, Choice, Enrichment, LogLevel, Message, Response, StreamDelta, Usage,
 };
 use std::fmt;
 
@@ -104,18 +103,6 @@ impl Candidate {
             tpm_limit: None,
             input_cost_per_token: 0.0,
             output_cost_per_token: 0.0,
-        }
-    }
-}
-
-impl RouteRequest {
-    /// Routing of a non-streamed call `test-call` in model group `group`.
-    pub fn new(group: impl Into<String>) -> Self {
-        Self {
-            call_id: "test-call".into(),
-            group: group.into(),
-            estimated_tokens: 0,
-            stream: false,
         }
     }
 }

@@ -67,7 +67,7 @@ pub use __bindings::guardrail::portcullis::plugin::types::{
     Choice, Message, Response, StreamDelta, ToolCall, Usage,
 };
 pub use __bindings::hook::exports::portcullis::plugin::hook::{CallEvent, GuardrailOutcome};
-pub use __bindings::router::exports::portcullis::plugin::router::{Candidate, RouteRequest};
+pub use __bindings::router::exports::portcullis::plugin::router::Candidate;
 
 /// What every plugin is: a value built once from its configuration.
 ///
@@ -115,8 +115,9 @@ pub trait Enricher: Plugin {
 /// Chooses which deployment of a model group takes each attempt of a call.
 pub trait Router: Plugin {
     /// Indices into `candidates`, best first. An empty or invalid answer lets the gateway's
-    /// configured built-in strategy decide.
-    fn choose(&self, request: &RouteRequest, candidates: &[Candidate]) -> Vec<u32>;
+    /// configured built-in strategy decide. `group` is the model group being routed: the
+    /// request's model, or one of its fallback groups.
+    fn choose(&self, request: &Request<'_>, group: &str, candidates: &[Candidate]) -> Vec<u32>;
 }
 
 /// Runs after a call ended, off the request path: audit logs, billing, alerts.

@@ -6,7 +6,7 @@ use crate::Message;
 
 type Lent = crate::__bindings::guardrail::portcullis::plugin::types::Request;
 
-/// The call a guardrail or enricher serves, as it stands when the plugin sees it.
+/// The call a guardrail, enricher or router serves, as it stands when the plugin sees it.
 ///
 /// The gateway lends it for one hook call. Each field is fetched from the gateway the first time
 /// it is read, and kept, so a plugin pays only for what it reads: a guardrail that never reads
@@ -41,6 +41,7 @@ struct Fetched {
     metadata: OnceCell<String>,
     tags: OnceCell<Vec<String>>,
     messages: OnceCell<Vec<Message>>,
+    estimated_tokens: OnceCell<u64>,
     body: OnceCell<Result<String, String>>,
 }
 
@@ -57,6 +58,7 @@ struct Fields {
     metadata: String,
     tags: Vec<String>,
     messages: Vec<Message>,
+    estimated_tokens: u64,
     /// `None`: made from the model and messages when read.
     body: OnceCell<Result<String, String>>,
 }
@@ -125,6 +127,11 @@ impl Request<'_> {
         /// each input as a user message. Rewrites name messages by their index here.
         messages -> &[Message], |value| value
     );
+    field!(
+        /// A prompt-size estimate in tokens (words and punctuation, not a real tokenizer). A
+        /// request built in a test has 0 unless [`Request::with_estimated_tokens`] set it.
+        estimated_tokens -> u64, |value| *value
+    );
 
     /// The client's request body as JSON, every field included (images, tools, sampling
     /// options…); an error if the gateway could not read it back. A request built in a test
@@ -165,6 +172,7 @@ impl Default for Request<'static> {
                 metadata: "{}".into(),
                 tags: Vec::new(),
                 messages: Vec::new(),
+                estimated_tokens: 0,
                 body: OnceCell::new(),
             })),
         }
@@ -244,6 +252,10 @@ impl Request<'static> {
         with_messages(messages: impl IntoIterator<Item = Message>) => messages.into_iter().collect()
     );
     with!(
+        /// Sets the prompt-size estimate.
+        with_estimated_tokens(estimated_tokens: u64) => estimated_tokens
+    );
+    with!(
         /// Sets the body [`Request::body`] returns, JSON as text.
         with_body(body: impl Into<String>) => OnceCell::from(Ok(body.into()))
     );
@@ -293,7 +305,8 @@ mod tests {
             .with_end_user("u")
             .with_metadata(r#"{"a":1}"#)
             .with_tags(["x", "y"])
-            .with_messages([Message::new("user", "hi")]);
+            .with_messages([Message::new("user", "hi")])
+            .with_estimated_tokens(7);
         assert_eq!(request.call_id(), "c");
         assert_eq!(request.endpoint(), "embeddings");
         assert_eq!(request.model(), "m");
@@ -304,5 +317,6 @@ mod tests {
         assert_eq!(request.metadata(), r#"{"a":1}"#);
         assert_eq!(request.tags(), ["x", "y"]);
         assert_eq!(request.messages(), [Message::new("user", "hi")]);
+        assert_eq!(request.estimated_tokens(), 7);
     }
 }

@@ -420,3 +420,36 @@ async fn a_plugin_built_against_the_0_1_contract_runs_beside_0_2_plugins() {
         "{line}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_plugin_reads_the_lent_request_to_choose() {
+    let upstream = MockUpstream::start().await;
+    let yaml = format!(
+        r#"
+server: {{ listen: "{{listen}}" }}
+auth:
+  master_key: "sk-master"
+  keys:
+    - {{ key: "sk-research", alias: researcher, team: research }}
+models:
+  - {{ name: g, provider: openai, model: m, api_base: "{upstream}/v1", api_key: "sk-upstream-test", id: other }}
+  - {{ name: g, provider: openai, model: m, api_base: "{upstream}/v1", api_key: "sk-upstream-test", id: research }}
+plugins:
+  dir: "{dir}"
+  enabled:
+    - {{ name: by-team, path: misbehave.wasm, config: {{ route: to_team }} }}
+router: {{ strategy: by-team, num_retries: 0 }}
+"#,
+        upstream = upstream.url(),
+        dir = wasm::dir().display()
+    );
+    wasm::built("misbehave");
+    let gateway = Gateway::start(&yaml).await;
+    // Eight in a row: a coin toss between the two would do that once in 256 runs.
+    for _ in 0..8 {
+        let response =
+            client::post_json(&chat_url(&gateway), Some("sk-research"), &chat("g", "hi")).await;
+        assert_eq!(response.status, 200, "{}", response.text());
+        assert_eq!(response.header("x-portcullis-model-id"), Some("research"));
+    }
+}

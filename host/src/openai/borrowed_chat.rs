@@ -15,7 +15,6 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::sync::OnceLock;
 
 use bytes::Bytes;
 use serde::de::{self, Deserialize, Deserializer, SeqAccess, Visitor};
@@ -350,8 +349,7 @@ pub(super) fn check(bytes: &Bytes) -> Option<ApiRequest> {
             .max_completion_tokens
             .or(fields.max_tokens)
             .unwrap_or(0),
-        texts: Default::default(),
-        prompt_tokens: OnceLock::new(),
+        derived: Default::default(),
     })
 }
 

@@ -4,7 +4,7 @@ mod borrowed_chat;
 mod request;
 mod response;
 
-pub use request::{ApiRequest, TextView, Texts};
+pub use request::{ApiRequest, Derived, TextView};
 pub use response::{choice_texts, set_choice_text, ChoiceText};
 
 use serde_json::Value;

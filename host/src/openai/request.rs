@@ -32,8 +32,7 @@ pub struct ApiRequest {
     pub guardrails: Vec<String>,
     pub(super) max_output_tokens: u64,
     /// Read once, when first asked for: each plugin may ask, and so may the budget and the router.
-    pub(super) texts: Texts,
-    pub(super) prompt_tokens: OnceLock<u64>,
+    pub(super) derived: Derived,
 }
 
 /// The text of one message (or prompt, or embedding input), as plugins see it.
@@ -46,22 +45,60 @@ pub struct TextView {
     pub tool_calls: Vec<(String, String, String)>,
 }
 
-/// The texts of one request ([`ApiRequest::texts`]), read from its body when first asked for.
-/// Clones share what was read.
+/// What is read from a request's body only when first asked for: its texts
+/// ([`ApiRequest::texts`]) and its prompt-size estimate. Clones share what was read, so a plugin
+/// call that outlives the borrow of its `ApiRequest` reads them at most once for everyone.
 #[derive(Debug, Clone, Default)]
-pub struct Texts(Arc<OnceLock<Result<Vec<TextView>, UnreadableBody>>>);
+pub struct Derived(Arc<DerivedOnce>);
 
-impl Texts {
-    /// The texts of `body`, which must be the body these texts were made for.
-    pub fn get(
+#[derive(Debug, Default)]
+struct DerivedOnce {
+    texts: OnceLock<Result<Vec<TextView>, UnreadableBody>>,
+    prompt_tokens: OnceLock<u64>,
+}
+
+impl Derived {
+    /// The texts of `body`, which must be the body this was made for.
+    pub fn texts(
         &self,
         endpoint: Endpoint,
         body: &RequestBody,
     ) -> Result<&[TextView], UnreadableBody> {
-        match self.0.get_or_init(|| read_texts(endpoint, body)) {
+        match self.0.texts.get_or_init(|| read_texts(endpoint, body)) {
             Ok(texts) => Ok(texts),
             Err(e) => Err(e.clone()),
         }
+    }
+
+    /// A prompt-size estimate of `body`, for usage-aware routing and token rate limits.
+    pub fn prompt_tokens(
+        &self,
+        endpoint: Endpoint,
+        body: &RequestBody,
+    ) -> Result<u64, UnreadableBody> {
+        if let Some(tokens) = self.0.prompt_tokens.get() {
+            return Ok(*tokens);
+        }
+        let tokens = match endpoint {
+            // A message's text parts are joined by newlines, which the estimate counts as nothing.
+            Endpoint::ChatCompletions => self
+                .texts(endpoint, body)?
+                .iter()
+                .map(|m| tokens::estimate(&m.content) + 4)
+                .sum(),
+            Endpoint::Completions | Endpoint::Embeddings => {
+                let body = body.object()?;
+                ["prompt", "input"]
+                    .iter()
+                    .filter_map(|f| body.get(*f))
+                    .map(|v| match v {
+                        Value::String(s) => tokens::estimate(s),
+                        other => tokens::estimate(&other.to_string()),
+                    })
+                    .sum()
+            }
+        };
+        Ok(*self.0.prompt_tokens.get_or_init(|| tokens))
     }
 }
 
@@ -208,8 +245,7 @@ impl ApiRequest {
             metadata,
             guardrails,
             max_output_tokens,
-            texts: Texts::default(),
-            prompt_tokens: OnceLock::new(),
+            derived: Derived::default(),
         })
     }
 
@@ -222,40 +258,18 @@ impl ApiRequest {
     /// The texts a plugin checks: chat messages, a completion's prompts, or embedding inputs
     /// (the last two as user messages, in order).
     pub fn texts(&self) -> Result<&[TextView], UnreadableBody> {
-        self.texts.get(self.endpoint, &self.body)
+        self.derived.texts(self.endpoint, &self.body)
     }
 
-    /// The texts, to be read later (or never) by a holder that outlives this borrow, such as a
-    /// plugin call; whoever reads them first reads them for everyone.
-    pub fn shared_texts(&self) -> Texts {
-        self.texts.clone()
+    /// What is read from the body on demand, for a holder that outlives this borrow, such as a
+    /// plugin call; whoever reads first reads for everyone.
+    pub fn derived(&self) -> Derived {
+        self.derived.clone()
     }
 
     /// A prompt-size estimate, for usage-aware routing and token rate limits.
     pub fn estimated_prompt_tokens(&self) -> Result<u64, UnreadableBody> {
-        if let Some(tokens) = self.prompt_tokens.get() {
-            return Ok(*tokens);
-        }
-        let tokens = match self.endpoint {
-            // A message's text parts are joined by newlines, which the estimate counts as nothing.
-            Endpoint::ChatCompletions => self
-                .texts()?
-                .iter()
-                .map(|m| tokens::estimate(&m.content) + 4)
-                .sum(),
-            Endpoint::Completions | Endpoint::Embeddings => {
-                let body = self.body.object()?;
-                ["prompt", "input"]
-                    .iter()
-                    .filter_map(|f| body.get(*f))
-                    .map(|v| match v {
-                        Value::String(s) => tokens::estimate(s),
-                        other => tokens::estimate(&other.to_string()),
-                    })
-                    .sum()
-            }
-        };
-        Ok(*self.prompt_tokens.get_or_init(|| tokens))
+        self.derived.prompt_tokens(self.endpoint, &self.body)
     }
 
     /// The body with the texts at these indices (as [`ApiRequest::texts`] numbers them) replaced.

@@ -67,14 +67,16 @@ pub async fn route(
             call.fallbacks += 1;
             debug!(%group, "falling back");
         }
-        let route_request = RouteRequest {
-            call_id: &call.id,
-            group,
-            estimated_tokens,
-            stream: request.stream,
-        };
         let mut tried: Vec<Arc<Deployment>> = Vec::new();
         for retry in 0..=settings.num_retries {
+            // Made afresh for each attempt: a plugin strategy sees the call as it stands.
+            let route_request = RouteRequest {
+                call_id: &call.id,
+                group,
+                estimated_tokens,
+                stream: request.stream,
+                origin: Some((call, request)),
+            };
             let (deployment, in_flight) = match router.reserve(&route_request, &tried).await {
                 Ok(reserved) => reserved,
                 Err(e @ NoDeployment::NoneAvailable(_)) => {

@@ -27,7 +27,7 @@ fn scope(call: &Call, request: &ApiRequest) -> CallScope {
             metadata: call.metadata.clone(),
             tags: call.tags.clone(),
             body: request.body.clone(),
-            texts: request.shared_texts(),
+            derived: request.derived(),
         }),
     }
 }
@@ -214,9 +214,9 @@ impl RoutingStrategy for WasmRouter {
         &self.plugin.name
     }
 
-    /// The contract hands every router plugin the estimate.
+    /// Plugins ask for the estimate when they want it (0.1.0 plugins always get it).
     fn uses_token_estimate(&self) -> bool {
-        true
+        false
     }
 
     fn choose<'a>(
@@ -225,9 +225,12 @@ impl RoutingStrategy for WasmRouter {
         candidates: &'a [Candidate],
     ) -> BoxFuture<'a, Option<usize>> {
         Box::pin(async move {
-            let scope = CallScope {
-                call_id: Some(request.call_id.to_owned()),
-                request: None,
+            let scope = match request.origin {
+                Some((call, api_request)) => scope(call, api_request),
+                None => CallScope {
+                    call_id: Some(request.call_id.to_owned()),
+                    request: None,
+                },
             };
             match self.plugin.choose(scope, request, candidates).await {
                 Ok(ranked) => {

@@ -5,7 +5,7 @@
 //! writes the code over those records once; each version module expands it over its own types.
 
 /// Expands, in a version module, the items whose code is the same for every version: the export
-/// lookup, the lifecycle, router and hook calls, and the conversions of the records that kept
+/// lookup, the lifecycle and hook calls, and the conversions of the records that kept
 /// their shape. The module must have `lifecycle`, `guardrail`, `enricher`, `router`, `hook` and
 /// `types` in scope, as `bindgen!` names them.
 macro_rules! same_shape_items {
@@ -101,26 +101,14 @@ macro_rules! same_shape_items {
             }
         }
 
-        pub async fn choose(
+        fn router_guest<'g>(
             exports: &Exports,
-            guests: &mut Guests,
+            guests: &'g mut Guests,
             store: &mut wasmtime::Store<$crate::plugins::store::StoreState>,
             instance: &wasmtime::component::Instance,
-            request: &$crate::extension::RouteRequest<'_>,
-            candidates: &[$crate::extension::Candidate],
-        ) -> wasmtime::Result<Vec<u32>> {
+        ) -> wasmtime::Result<&'g router::Guest> {
             let indices = exports.router.as_ref().ok_or_else(|| missing("router"))?;
-            let guest = $crate::plugins::cached(&mut guests.router, || {
-                indices.load(&mut *store, instance)
-            })?;
-            let view = router::RouteRequest {
-                call_id: request.call_id.to_owned(),
-                group: request.group.to_owned(),
-                estimated_tokens: request.estimated_tokens,
-                stream: request.stream,
-            };
-            let offered: Vec<_> = candidates.iter().map(candidate).collect();
-            guest.call_choose(store, &view, &offered).await
+            $crate::plugins::cached(&mut guests.router, || indices.load(store, instance))
         }
 
         pub async fn on_call_end(

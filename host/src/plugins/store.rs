@@ -10,7 +10,7 @@ use wasmtime_wasi::{
     FsPerms, HostMonotonicClock, HostWallClock, ResourceTable, WasiCtx, WasiCtxView, WasiView,
 };
 
-use crate::openai::{TextView, Texts};
+use crate::openai::{Derived, TextView};
 use crate::providers::{Endpoint, JsonObject, RequestBody, UnreadableBody};
 
 /// A directory grant, resolved to a host path.
@@ -50,12 +50,16 @@ pub struct RequestFacts {
     pub metadata: JsonObject,
     pub tags: Vec<String>,
     pub body: RequestBody,
-    pub texts: Texts,
+    pub derived: Derived,
 }
 
 impl RequestFacts {
     pub fn texts(&self) -> Result<&[TextView], UnreadableBody> {
-        self.texts.get(self.endpoint, &self.body)
+        self.derived.texts(self.endpoint, &self.body)
+    }
+
+    pub fn estimated_tokens(&self) -> Result<u64, UnreadableBody> {
+        self.derived.prompt_tokens(self.endpoint, &self.body)
     }
 
     pub fn metadata_json(&self) -> String {

@@ -7,7 +7,7 @@ use wasmtime::Store;
 use super::contract::same_shape_items;
 use super::store::{CallScope, StoreState};
 use super::TextVerdict;
-use crate::extension::{Enrichment, StreamDelta, StreamVerdict};
+use crate::extension::{Candidate, Enrichment, RouteRequest, StreamDelta, StreamVerdict};
 use crate::providers::{JsonObject, UnreadableBody};
 
 wasmtime::component::bindgen!({
@@ -113,6 +113,32 @@ pub async fn check_stream(
     Ok(stream_verdict(
         guest.call_check_stream(store, &stream_delta(delta)).await?,
     ))
+}
+
+/// The estimate is made here, for every call: this version's record has no other way to carry it.
+pub async fn choose(
+    exports: &Exports,
+    guests: &mut Guests,
+    store: &mut Store<StoreState>,
+    instance: &Instance,
+    request: &RouteRequest<'_>,
+    candidates: &[Candidate],
+) -> wasmtime::Result<Vec<u32>> {
+    let estimated_tokens = match &store.data().scope.request {
+        Some(facts) => facts
+            .estimated_tokens()
+            .map_err(wasmtime::Error::new::<UnreadableBody>)?,
+        None => request.estimated_tokens,
+    };
+    let view = router::RouteRequest {
+        call_id: request.call_id.to_owned(),
+        group: request.group.to_owned(),
+        estimated_tokens,
+        stream: request.stream,
+    };
+    let offered: Vec<_> = candidates.iter().map(candidate).collect();
+    let guest = router_guest(exports, guests, store, instance)?;
+    guest.call_choose(store, &view, &offered).await
 }
 
 pub async fn enrich(

@@ -11,7 +11,7 @@ use wasmtime::Store;
 use super::contract::same_shape_items;
 use super::store::{RequestFacts, StoreState};
 use super::TextVerdict;
-use crate::extension::{Enrichment, StreamDelta, StreamVerdict};
+use crate::extension::{Candidate, Enrichment, RouteRequest, StreamDelta, StreamVerdict};
 use crate::providers::{JsonObject, UnreadableBody};
 
 wasmtime::component::bindgen!({
@@ -99,6 +99,12 @@ impl types::HostRequest for StoreState {
         Ok(texts.iter().map(message).collect())
     }
 
+    fn estimated_tokens(&mut self, _: Resource<RequestFacts>) -> wasmtime::Result<u64> {
+        self.facts()?
+            .estimated_tokens()
+            .map_err(wasmtime::Error::new::<UnreadableBody>)
+    }
+
     fn body(&mut self, _: Resource<RequestFacts>) -> wasmtime::Result<Result<String, String>> {
         Ok(self.facts()?.body.to_json().map_err(|e| e.to_string()))
     }
@@ -159,6 +165,21 @@ pub async fn check_stream(
             .call_check_stream(store, lent(), &stream_delta(delta))
             .await?,
     ))
+}
+
+pub async fn choose(
+    exports: &Exports,
+    guests: &mut Guests,
+    store: &mut Store<StoreState>,
+    instance: &Instance,
+    request: &RouteRequest<'_>,
+    candidates: &[Candidate],
+) -> wasmtime::Result<Vec<u32>> {
+    let offered: Vec<_> = candidates.iter().map(candidate).collect();
+    let guest = router_guest(exports, guests, store, instance)?;
+    guest
+        .call_choose(store, lent(), request.group, &offered)
+        .await
 }
 
 pub async fn enrich(

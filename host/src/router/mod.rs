@@ -234,6 +234,7 @@ mod tests {
             group,
             estimated_tokens: 1,
             stream: false,
+            origin: None,
         }
     }
 

@@ -140,6 +140,7 @@ mod tests {
         group: "g",
         estimated_tokens: 10,
         stream: false,
+        origin: None,
     };
 
     fn choose(strategy: &dyn RoutingStrategy, candidates: &[Candidate]) -> Option<usize> {

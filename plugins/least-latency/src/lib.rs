@@ -1,6 +1,6 @@
 //! `least-latency`: a router that sends each attempt to the deployment answering fastest.
 
-use portcullis_plugin_sdk::{Candidate, Config, Plugin, RouteRequest, Router};
+use portcullis_plugin_sdk::{Candidate, Config, Plugin, Request, Router};
 use std::cmp::Ordering;
 
 /// Orders candidates by measured latency; it has no settings.
@@ -14,7 +14,7 @@ impl Plugin for LeastLatency {
 }
 
 impl Router for LeastLatency {
-    fn choose(&self, _request: &RouteRequest, candidates: &[Candidate]) -> Vec<u32> {
+    fn choose(&self, _request: &Request<'_>, _group: &str, candidates: &[Candidate]) -> Vec<u32> {
         rank(candidates)
     }
 }
@@ -60,7 +60,7 @@ mod tests {
 
     fn choose(candidates: &[Candidate]) -> Vec<u32> {
         let router = LeastLatency::init(Config::default()).expect("no config needed");
-        router.choose(&RouteRequest::new("gpt-4o"), candidates)
+        router.choose(&Request::chat("gpt-4o", &[]), "gpt-4o", candidates)
     }
 
     #[test]

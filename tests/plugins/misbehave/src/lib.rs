@@ -1,17 +1,18 @@
 //! A plugin that misbehaves as its config says, so tests can prove the gateway contains it.
 //!
 //! Config: `{"init": "ok" | "slow" | "reject", "check": "allow" | "block" | "loop" | "oom" | "trap" |
-//! "probe" | "count", "delay_ms": N, "trap_at": N}`. `probe` blocks with a JSON report of what the
+//! "probe" | "count", "delay_ms": N, "trap_at": N, "route": "nowhere" | "to_team"}`. `probe` blocks with a JSON report of what the
 //! sandbox let it see (files, environment, clocks). `count` blocks with `call N`, N counting the
 //! checks this instance has served, and traps at call `trap_at`: it shows instance reuse.
 //! `delay_ms` makes each check take that long first (it needs the clocks granted).
-//! As a router it always answers an index that does not exist.
+//! As a router it answers an index that does not exist, or with `to_team` the deployment whose
+//! id is the caller's team (reading the lent request as content-aware routers do).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use portcullis_plugin_sdk::{
-    Candidate, Config, Guardrail, Plugin, Request, RequestVerdict, RouteRequest, Router,
+    Candidate, Config, Guardrail, Plugin, Request, RequestVerdict, Router,
 };
 use serde::Deserialize;
 
@@ -27,6 +28,8 @@ pub struct Misbehave {
     delay_ms: u64,
     #[serde(default)]
     trap_at: Option<u32>,
+    #[serde(default)]
+    route: Route,
     #[serde(skip)]
     calls: AtomicU32,
 }
@@ -38,6 +41,18 @@ enum Init {
     Ok,
     Slow,
     Reject,
+}
+
+/// What the router answers.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Route {
+    /// An index past the candidates.
+    #[default]
+    Nowhere,
+    /// The candidate whose id is the caller's team, for a call routed to the request's own
+    /// model with a prompt estimate; nothing otherwise.
+    ToTeam,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -93,8 +108,18 @@ impl Guardrail for Misbehave {
 }
 
 impl Router for Misbehave {
-    fn choose(&self, _request: &RouteRequest, candidates: &[Candidate]) -> Vec<u32> {
-        vec![candidates.len() as u32 + 1000]
+    fn choose(&self, request: &Request<'_>, group: &str, candidates: &[Candidate]) -> Vec<u32> {
+        match self.route {
+            Route::Nowhere => vec![candidates.len() as u32 + 1000],
+            Route::ToTeam if group != request.model() || request.estimated_tokens() == 0 => {
+                Vec::new()
+            }
+            Route::ToTeam => (0u32..)
+                .zip(candidates)
+                .filter(|(_, c)| Some(c.id.as_str()) == request.team())
+                .map(|(index, _)| index)
+                .collect(),
+        }
     }
 }
 
