@@ -609,11 +609,6 @@ impl LoadedPlugin {
         self.exports.kinds().names()
     }
 
-    /// The WIT package the plugin was built against.
-    pub fn contract(&self) -> &'static str {
-        self.exports.package()
-    }
-
     pub fn is_guardrail(&self) -> bool {
         self.exports.kinds().guardrail
     }

@@ -8,7 +8,7 @@ use super::contract::same_shape_items;
 use super::store::{CallScope, StoreState};
 use super::TextVerdict;
 use crate::extension::{Candidate, Enrichment, RouteRequest, StreamDelta, StreamVerdict};
-use crate::providers::{JsonObject, UnreadableBody};
+use crate::providers::JsonObject;
 
 wasmtime::component::bindgen!({
     path: "../plugin-sdk/wit/0.1.0",
@@ -57,9 +57,7 @@ fn request(scope: &CallScope) -> wasmtime::Result<types::Request> {
         .request
         .as_ref()
         .ok_or_else(|| wasmtime::format_err!("no request to pass to the plugin"))?;
-    let texts = facts
-        .texts()
-        .map_err(wasmtime::Error::new::<UnreadableBody>)?;
+    let texts = facts.texts()?;
     Ok(types::Request {
         call_id: scope.call_id.clone().unwrap_or_default(),
         endpoint: facts.endpoint.name().to_owned(),
@@ -125,9 +123,7 @@ pub async fn choose(
     candidates: &[Candidate],
 ) -> wasmtime::Result<Vec<u32>> {
     let estimated_tokens = match &store.data().scope.request {
-        Some(facts) => facts
-            .estimated_tokens()
-            .map_err(wasmtime::Error::new::<UnreadableBody>)?,
+        Some(facts) => facts.estimated_tokens()?,
         None => request.estimated_tokens,
     };
     let view = router::RouteRequest {

@@ -12,7 +12,7 @@ use super::contract::same_shape_items;
 use super::store::{RequestFacts, StoreState};
 use super::TextVerdict;
 use crate::extension::{Candidate, Enrichment, RouteRequest, StreamDelta, StreamVerdict};
-use crate::providers::{JsonObject, UnreadableBody};
+use crate::providers::JsonObject;
 
 wasmtime::component::bindgen!({
     path: "../plugin-sdk/wit/0.2.0",
@@ -92,17 +92,12 @@ impl types::HostRequest for StoreState {
     /// A body the gateway cannot read back is the gateway's problem, not the plugin's: the
     /// error ends the call and reaches the client whatever the plugin's `on_error`.
     fn messages(&mut self, _: Resource<RequestFacts>) -> wasmtime::Result<Vec<types::Message>> {
-        let texts = self
-            .facts()?
-            .texts()
-            .map_err(wasmtime::Error::new::<UnreadableBody>)?;
+        let texts = self.facts()?.texts()?;
         Ok(texts.iter().map(message).collect())
     }
 
     fn estimated_tokens(&mut self, _: Resource<RequestFacts>) -> wasmtime::Result<u64> {
-        self.facts()?
-            .estimated_tokens()
-            .map_err(wasmtime::Error::new::<UnreadableBody>)
+        Ok(self.facts()?.estimated_tokens()?)
     }
 
     fn body(&mut self, _: Resource<RequestFacts>) -> wasmtime::Result<Result<String, String>> {
