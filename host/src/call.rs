@@ -48,13 +48,24 @@ pub struct Call {
 }
 
 /// `call-` and 32 hex digits, written without the formatting machinery (a fifth of the cost).
-fn call_id(random: u128) -> String {
+/// The first 12 digits are the milliseconds since the Unix epoch and the other 20 are random, as
+/// in a UUIDv7: ids sort by time, so each spend-log row is appended to the end of the store's
+/// index on them instead of landing on a random page of it.
+/// Enough for the year 10889.
+const TIME_BITS: u32 = 48;
+
+fn call_id(at: SystemTime, random: u128) -> String {
+    let millis = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis());
+    let random_bits = 128 - TIME_BITS;
+    let id_bits = ((millis & ((1 << TIME_BITS) - 1)) << random_bits) | (random >> TIME_BITS);
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut id = String::with_capacity(37);
     id.push_str("call-");
     for nibble in (0..32).rev() {
         id.push(char::from(
-            DIGITS[((random >> (nibble * 4)) & 0xf) as usize],
+            DIGITS[((id_bits >> (nibble * 4)) & 0xf) as usize],
         ));
     }
     id
@@ -62,12 +73,13 @@ fn call_id(random: u128) -> String {
 
 impl Call {
     pub fn new(endpoint: Endpoint) -> Call {
+        let received_at = SystemTime::now();
         Call {
             // Unique, not secret: a thread-local generator avoids a syscall per request.
-            id: call_id(fastrand::u128(..)),
+            id: call_id(received_at, fastrand::u128(..)),
             endpoint,
             received: Instant::now(),
-            received_at: SystemTime::now(),
+            received_at,
             principal: None,
             requested_model: String::new(),
             model: String::new(),
@@ -186,9 +198,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn call_ids_are_the_prefix_and_32_hex_digits() {
+    fn call_ids_are_the_prefix_the_time_and_random_digits() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(0x0123_4567_89ab);
         for random in [0, 1, 0xabc, u128::MAX, fastrand::u128(..)] {
-            assert_eq!(call_id(random), format!("call-{random:032x}"));
+            let random_part = random >> TIME_BITS;
+            assert_eq!(
+                call_id(at, random),
+                format!("call-0123456789ab{random_part:020x}")
+            );
         }
+    }
+
+    #[test]
+    fn call_ids_sort_by_time() {
+        let earlier = SystemTime::now();
+        let later = earlier + Duration::from_millis(1);
+        assert!(call_id(earlier, u128::MAX) < call_id(later, 0));
+        assert!(call_id(SystemTime::UNIX_EPOCH - Duration::from_secs(1), 7)
+            .starts_with("call-000000000000"));
     }
 }

@@ -165,7 +165,8 @@ fn build_request(
     *request.method_mut() = Method::POST;
     *request.uri_mut() = uri;
     let headers = request.headers_mut();
-    headers.reserve(1 + credentials.len());
+    // hyper then adds `host` and `content-length`: room for them spares two regrowths.
+    headers.reserve(3 + credentials.len());
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     for (name, value) in credentials {
         headers.insert(name.clone(), value.clone());
