@@ -190,10 +190,21 @@ impl Drop for Server {
 
 /// `VmRSS` of a process, in bytes.
 pub fn rss_of(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    proc_kib(&format!("/proc/{pid}/status"), "VmRSS:").map(|kib| kib * 1024)
+}
+
+/// The proportional set size of a process, in bytes: pages it shares count in part. Plugin
+/// instances each map their module's initial memory image, which RSS counts once per instance
+/// and PSS once in all.
+pub fn pss_of(pid: u32) -> Option<u64> {
+    proc_kib(&format!("/proc/{pid}/smaps_rollup"), "Pss:").map(|kib| kib * 1024)
+}
+
+/// The number of the line of `file` that starts with `field`, which `/proc` gives in KiB.
+fn proc_kib(file: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// A loopback address nothing listens on right now.

@@ -34,6 +34,7 @@ pub mod metric {
     pub const RSS_LOAD: &str = "rss_load_bytes";
     pub const RSS_AFTER: &str = "rss_after_bytes";
     pub const RSS_STREAMS: &str = "rss_1000_streams_bytes";
+    pub const PSS_STREAMS: &str = "pss_1000_streams_bytes";
 }
 
 /// How long each scenario runs.
@@ -124,7 +125,7 @@ pub async fn measure(
 
     // 2. Throughput at concurrency 32, against an instant mock and a 20 ms one.
     let pid = server.map(Server::pid);
-    let sampled = sample_rss_after(pid, plan.throughput / 2);
+    let sampled = sample_memory_after(pid, plan.throughput / 2);
     let fast = load::run(
         target,
         Pace::ClosedFor {
@@ -133,8 +134,8 @@ pub async fn measure(
         },
     )
     .await;
-    if let Some(bytes) = sampled.await.ok().flatten() {
-        metrics.insert(metric::RSS_LOAD.into(), bytes as f64);
+    if let Some(memory) = sampled.await.ok().flatten() {
+        metrics.insert(metric::RSS_LOAD.into(), memory.rss as f64);
     }
     metrics.insert(metric::THROUGHPUT.into(), fast.rate());
     metrics.insert(metric::THROUGHPUT_FAILED.into(), fast.failed as f64);
@@ -181,7 +182,7 @@ pub async fn measure(
     .await;
     metrics.insert(metric::GAP_P50.into(), micros(&paced.gaps, 50.0));
     metrics.insert(metric::GAP_P99.into(), micros(&paced.gaps, 99.0));
-    let sampled = sample_rss_after(pid, PACED.delta_gap * PACED.deltas * 3 / 4);
+    let sampled = sample_memory_after(pid, PACED.delta_gap * PACED.deltas * 3 / 4);
     let held = load::run(
         &streaming,
         Pace::Closed {
@@ -190,8 +191,11 @@ pub async fn measure(
         },
     )
     .await;
-    if let Some(bytes) = sampled.await.ok().flatten() {
-        metrics.insert(metric::RSS_STREAMS.into(), bytes as f64);
+    if let Some(memory) = sampled.await.ok().flatten() {
+        metrics.insert(metric::RSS_STREAMS.into(), memory.rss as f64);
+        if let Some(pss) = memory.pss {
+            metrics.insert(metric::PSS_STREAMS.into(), pss as f64);
+        }
     }
     metrics.insert(metric::STREAMS_HELD.into(), held.ok as f64);
     metrics.insert(metric::STREAMS_FAILED.into(), held.failed as f64);
@@ -219,11 +223,24 @@ fn streamed(body: &bytes::Bytes) -> bytes::Bytes {
     bytes::Bytes::from(value.to_string())
 }
 
-/// Reads the RSS of `pid` once, `after` from now, without holding up the caller.
-fn sample_rss_after(pid: Option<u32>, after: Duration) -> tokio::task::JoinHandle<Option<u64>> {
+/// A process's memory at one moment, in bytes.
+struct Memory {
+    rss: u64,
+    pss: Option<u64>,
+}
+
+/// Reads the memory of `pid` once, `after` from now, without holding up the caller.
+fn sample_memory_after(
+    pid: Option<u32>,
+    after: Duration,
+) -> tokio::task::JoinHandle<Option<Memory>> {
     tokio::spawn(async move {
         tokio::time::sleep(after).await;
-        pid.and_then(super::process::rss_of)
+        let pid = pid?;
+        Some(Memory {
+            rss: super::process::rss_of(pid)?,
+            pss: super::process::pss_of(pid),
+        })
     })
 }
 
