@@ -180,12 +180,12 @@ pub trait Guardrail: Send + Sync + fmt::Debug {
         request: &'a crate::openai::ApiRequest,
     ) -> BoxFuture<'a, Result<Verdict, crate::error::GatewayError>>;
 
-    /// `response` is the upstream's whole answer in OpenAI's shape.
+    /// `response` is what a guardrail reads of the upstream's whole answer.
     fn check_response<'a>(
         &'a self,
         _call: &'a crate::call::Call,
         _request: &'a crate::openai::ApiRequest,
-        _response: &'a crate::providers::JsonObject,
+        _response: &'a crate::openai::ResponseView,
     ) -> BoxFuture<'a, Result<ResponseVerdict, crate::error::GatewayError>> {
         ready(Ok(ResponseVerdict::Allow))
     }

@@ -5,7 +5,7 @@ mod request;
 mod response;
 
 pub use request::{ApiRequest, Derived, TextView};
-pub use response::{choice_texts, set_choice_text, ChoiceText};
+pub use response::{choice_texts, set_choice_text, ChoiceText, ResponseView};
 
 use serde_json::Value;
 

@@ -2,10 +2,13 @@
 //! Chat choices carry `message.content` (whole) or `delta.content` (chunks); legacy completions
 //! carry `text` in both.
 
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::content_text;
-use crate::providers::JsonObject;
+use crate::json::borrowed::{ObjectOf, Present};
+use crate::providers::{JsonObject, Usage};
 
 /// One choice's text as a guardrail sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +67,129 @@ pub fn choice_texts(object: &JsonObject) -> Vec<ChoiceText> {
                 .map(str::to_owned),
         })
         .collect()
+}
+
+/// What a post-call guardrail reads of a whole response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResponseView {
+    /// Empty where the response names none.
+    pub model: String,
+    pub choices: Vec<ChoiceText>,
+    pub usage: Option<Usage>,
+}
+
+impl ResponseView {
+    pub fn of(object: &JsonObject) -> ResponseView {
+        ResponseView {
+            model: object
+                .get("model")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+            choices: choice_texts(object),
+            usage: Usage::from_object(object),
+        }
+    }
+
+    /// The view of a whole response's JSON text by one borrowing pass, which reads what [`of`]
+    /// reads of the parsed object and builds nothing else; `usage` is the caller's. `None` where
+    /// the text strays from the plain shape (a repeated field it reads, an `index` or content
+    /// it cannot read as a value), and then the parsed object decides.
+    ///
+    /// [`of`]: ResponseView::of
+    pub fn peek(text: &str, usage: Option<Usage>) -> Option<ResponseView> {
+        let ObjectOf(top) = serde_json::from_str::<ObjectOf<ResponsePeek<'_>>>(text).ok()?;
+        let listed = match top.choices.raw() {
+            Some(raw) if raw.starts_with('[') => {
+                serde_json::from_str::<Vec<&RawValue>>(raw).ok()?
+            }
+            _ => Vec::new(),
+        };
+        let mut choices = Vec::with_capacity(listed.len());
+        for (position, raw) in listed.iter().enumerate() {
+            // Anything but an object is no choice, though it keeps its place.
+            if !raw.get().starts_with('{') {
+                continue;
+            }
+            let choice: ChoicePeek<'_> = serde_json::from_str(raw.get()).ok()?;
+            let index = match choice.index.raw() {
+                None => position,
+                Some(raw) => serde_json::from_str::<Value>(raw)
+                    .ok()?
+                    .as_u64()
+                    .map_or(position, |i| i as usize),
+            };
+            let holder = [&choice.message, &choice.delta]
+                .into_iter()
+                .find_map(|field| field.raw().filter(|raw| raw.starts_with('{')));
+            let text = match holder {
+                Some(holder) => {
+                    let holder: HolderPeek<'_> = serde_json::from_str(holder).ok()?;
+                    match holder.content.raw() {
+                        None | Some("null") => String::new(),
+                        Some(raw) if raw.starts_with('"') => serde_json::from_str(raw).ok()?,
+                        Some(raw) => content_text(Some(&serde_json::from_str(raw).ok()?)),
+                    }
+                }
+                None => string_in(&choice.text)?.unwrap_or_default(),
+            };
+            choices.push(ChoiceText {
+                index,
+                text,
+                finish_reason: string_in(&choice.finish_reason)?,
+            });
+        }
+        Some(ResponseView {
+            model: string_in(&top.model)?.unwrap_or_default(),
+            choices,
+            usage,
+        })
+    }
+
+    /// What a rewrite of the object by [`set_choice_text`] changes, seen by the next guardrail.
+    pub fn set_text(&mut self, index: usize, text: String) {
+        if let Some(choice) = self.choices.iter_mut().find(|c| c.index == index) {
+            choice.text = text;
+        }
+    }
+}
+
+/// The fields of a response that [`ResponseView::peek`] reads.
+#[derive(Deserialize)]
+struct ResponsePeek<'a> {
+    #[serde(borrow, default)]
+    model: Present<'a>,
+    #[serde(borrow, default)]
+    choices: Present<'a>,
+}
+
+#[derive(Deserialize)]
+struct ChoicePeek<'a> {
+    #[serde(borrow, default)]
+    index: Present<'a>,
+    #[serde(borrow, default)]
+    message: Present<'a>,
+    #[serde(borrow, default)]
+    delta: Present<'a>,
+    #[serde(borrow, default)]
+    text: Present<'a>,
+    #[serde(borrow, default)]
+    finish_reason: Present<'a>,
+}
+
+#[derive(Deserialize)]
+struct HolderPeek<'a> {
+    #[serde(borrow, default)]
+    content: Present<'a>,
+}
+
+/// A field's string, `Some(None)` if it is absent or holds anything else (as `Value::as_str`
+/// reads it), `None` if the string cannot be read.
+fn string_in(field: &Present<'_>) -> Option<Option<String>> {
+    match field.raw() {
+        Some(raw) if raw.starts_with('"') => serde_json::from_str(raw).ok().map(Some),
+        _ => Some(None),
+    }
 }
 
 /// Replaces the text of the choice with this `index`; false if there is no such choice.
@@ -131,5 +257,51 @@ mod tests {
         assert_eq!(choice_texts(&legacy)[0].text, "old");
         let role_only = object(json!({"choices": [{"index": 0, "delta": {"role": "assistant"}}]}));
         assert_eq!(choice_texts(&role_only)[0].text, "");
+    }
+
+    /// Responses in the plain shape, which the borrowing pass must read.
+    const PLAIN: &[&str] = &[
+        r#"{"id":"x","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#,
+        r#"{"choices":[{"index":1,"message":{"content":[{"type":"text","text":"a"},{"type":"image_url"},{"type":"text","text":"b"}]}},{"index":0,"message":{"content":null},"finish_reason":null}]}"#,
+        r#"{"choices":[{"text":"legacy \u00e9\n","finish_reason":"length"},7,{"message":"not an object","delta":{"content":"d"}}]}"#,
+        r#"{"model":null,"choices":null}"#,
+        r#"{"model":5,"choices":{"index":0}}"#,
+        r#"{"choices":[{"index":-0,"message":{"content":17}},{"index":2.0,"text":3,"finish_reason":false},{"index":null}]}"#,
+        r#"{"ch\u006fices":[{"index":4,"message":{"content":"escaped key"}}]}"#,
+        r#"{}"#,
+    ];
+
+    /// What the pass may hand to the parse instead.
+    const STRAYING: &[&str] = &[
+        r#"{"model":"a","model":"b","choices":[]}"#,
+        r#"{"choices":[{"index":0,"message":{"content":"x","content":"y"}}]}"#,
+        r#"{"choices":[{"index":0,"index":1,"text":"x"}]}"#,
+        r#"["not", "an", "object"]"#,
+    ];
+
+    #[test]
+    fn the_borrowing_pass_reads_what_the_parsed_object_shows() {
+        for text in PLAIN.iter().chain(STRAYING) {
+            let Ok(parsed) = serde_json::from_str::<JsonObject>(text) else {
+                assert_eq!(ResponseView::peek(text, None), None, "{text}");
+                continue;
+            };
+            let usage = Usage::from_object(&parsed);
+            let expected = ResponseView::of(&parsed);
+            match ResponseView::peek(text, usage) {
+                Some(view) => assert_eq!(view, expected, "{text}"),
+                None => assert!(STRAYING.contains(text), "plain, yet not read: {text}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_rewritten_text_is_what_the_view_shows_next() {
+        let text = PLAIN[1];
+        let mut object: JsonObject = serde_json::from_str(text).expect("json");
+        let mut view = ResponseView::peek(text, None).expect("plain");
+        assert!(set_choice_text(&mut object, 0, "new".into()));
+        view.set_text(0, "new".into());
+        assert_eq!(view, ResponseView::of(&object));
     }
 }

@@ -222,14 +222,14 @@ pub async fn post_call(
     if slots.is_empty() {
         return Ok(());
     }
-    // Only here is an upstream's answer parsed whole; it was checked to be a JSON object.
-    let response = answer.object_mut().map_err(|e| GatewayError::Upstream {
+    let not_an_object = |e: serde_json::Error| GatewayError::Upstream {
         status: http::StatusCode::BAD_GATEWAY,
         message: format!("the upstream response is not a JSON object: {e}"),
-    })?;
+    };
+    let mut view = answer.response_view().map_err(not_an_object)?;
     for slot in slots {
         let name = slot.guardrail.name();
-        let verdict = slot.guardrail.check_response(call, request, response).await;
+        let verdict = slot.guardrail.check_response(call, request, &view).await;
         let outcome = match &verdict {
             Err(_) => "error",
             Ok(ResponseVerdict::Allow) => "allow",
@@ -248,8 +248,12 @@ pub async fn post_call(
             ResponseVerdict::Allow => {}
             ResponseVerdict::Block { reason } => return Err(blocked(name, reason)),
             ResponseVerdict::Rewrite(texts) => {
+                // Only here is an upstream's answer parsed whole.
+                let response = answer.object_mut().map_err(not_an_object)?;
                 for (index, text) in texts {
-                    openai::set_choice_text(response, index, text);
+                    if openai::set_choice_text(response, index, text.clone()) {
+                        view.set_text(index, text);
+                    }
                 }
             }
         }

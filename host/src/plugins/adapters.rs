@@ -11,7 +11,7 @@ use crate::extension::{
     RoutingStrategy, StreamCheck, StreamDelta, StreamVerdict, Verdict, MAX_HELD_BYTES,
 };
 use crate::openai::ApiRequest;
-use crate::providers::JsonObject;
+use crate::openai::ResponseView;
 
 fn scope(call: &Call, request: &ApiRequest) -> CallScope {
     let principal = call.principal.as_deref();
@@ -93,7 +93,7 @@ impl Guardrail for WasmGuardrail {
         &'a self,
         call: &'a Call,
         request: &'a ApiRequest,
-        response: &'a JsonObject,
+        response: &'a ResponseView,
     ) -> BoxFuture<'a, Result<ResponseVerdict, GatewayError>> {
         Box::pin(async move {
             let verdict = self

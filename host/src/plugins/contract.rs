@@ -171,22 +171,19 @@ macro_rules! same_shape_items {
         }
 
         /// The response record plugins see, from a whole OpenAI response.
-        fn response(object: &$crate::providers::JsonObject) -> types::Response {
+        fn response(view: &$crate::openai::ResponseView) -> types::Response {
             types::Response {
-                model: object
-                    .get("model")
-                    .and_then(serde_json::Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned(),
-                choices: $crate::openai::choice_texts(object)
-                    .into_iter()
+                model: view.model.clone(),
+                choices: view
+                    .choices
+                    .iter()
                     .map(|choice| types::Choice {
                         index: choice.index as u32,
-                        text: choice.text,
-                        finish_reason: choice.finish_reason,
+                        text: choice.text.clone(),
+                        finish_reason: choice.finish_reason.clone(),
                     })
                     .collect(),
-                usage: $crate::providers::Usage::from_object(object).map(usage),
+                usage: view.usage.map(usage),
             }
         }
 

@@ -40,7 +40,8 @@ use crate::call::CallRecord;
 use crate::config::{Config as GatewayConfig, InstanceMode, PluginConfig, MAX_PLUGIN_MEMORY_MB};
 use crate::digest::hex;
 use crate::extension::{Candidate, Enrichment, RouteRequest, StreamDelta, StreamVerdict};
-use crate::providers::{JsonObject, UnreadableBody};
+use crate::openai::ResponseView;
+use crate::providers::UnreadableBody;
 
 /// The WIT packages this gateway runs plugins of, newest first.
 pub const SUPPORTED: [&str; 2] = [v0_2::PACKAGE, v0_1::PACKAGE];
@@ -816,7 +817,7 @@ impl LoadedPlugin {
     async fn check_response(
         &self,
         scope: CallScope,
-        response: &JsonObject,
+        response: &ResponseView,
     ) -> Result<TextVerdict, PluginFailure> {
         if !self.is_guardrail() {
             return Ok(TextVerdict::Allow);

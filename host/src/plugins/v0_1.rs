@@ -8,7 +8,7 @@ use super::contract::same_shape_items;
 use super::store::{CallScope, StoreState};
 use super::TextVerdict;
 use crate::extension::{Candidate, Enrichment, RouteRequest, StreamDelta, StreamVerdict};
-use crate::providers::JsonObject;
+use crate::openai::ResponseView;
 
 wasmtime::component::bindgen!({
     path: "../plugin-sdk/wit/0.1.0",
@@ -90,10 +90,10 @@ pub async fn check_response(
     guests: &mut Guests,
     store: &mut Store<StoreState>,
     instance: &Instance,
-    object: &JsonObject,
+    view: &ResponseView,
 ) -> wasmtime::Result<TextVerdict> {
     let record = request(&store.data().scope)?;
-    let answer = response(object);
+    let answer = response(view);
     let guest = guardrail_guest(exports, guests, store, instance)?;
     Ok(response_verdict(
         guest.call_check_response(store, &record, &answer).await?,

@@ -12,7 +12,7 @@ use super::contract::same_shape_items;
 use super::store::{RequestFacts, StoreState};
 use super::TextVerdict;
 use crate::extension::{Candidate, Enrichment, RouteRequest, StreamDelta, StreamVerdict};
-use crate::providers::JsonObject;
+use crate::openai::ResponseView;
 
 wasmtime::component::bindgen!({
     path: "../plugin-sdk/wit/0.2.0",
@@ -138,9 +138,9 @@ pub async fn check_response(
     guests: &mut Guests,
     store: &mut Store<StoreState>,
     instance: &Instance,
-    object: &JsonObject,
+    view: &ResponseView,
 ) -> wasmtime::Result<TextVerdict> {
-    let answer = response(object);
+    let answer = response(view);
     let guest = guardrail_guest(exports, guests, store, instance)?;
     Ok(response_verdict(
         guest.call_check_response(store, lent(), &answer).await?,

@@ -4,10 +4,11 @@
 //! An OpenAI-compatible upstream's object is kept as the bytes it sent. The gateway reads only a
 //! few of its fields (`model`, to put the client's name back; `usage`; whether `choices` is empty
 //! or a choice has finished; `error`), which one borrowing pass finds without building a map. The
-//! object is parsed only when something must read or change all of it (a guardrail), and then
-//! written out again. Valid JSON that `serde_json` values cannot hold (a number beyond `f64`, a
-//! lone surrogate escape, nesting past 128) in a field the pass skips is relayed as it came, as
-//! any proxy would relay it; a guardrail that must parse it fails the answer instead.
+//! object is parsed only when something must change it (a guardrail's rewrite), and then written
+//! out again; a guardrail that only reads gets its view by another borrowing pass. Valid JSON
+//! that `serde_json` values cannot hold (a number beyond `f64`, a lone surrogate escape, nesting
+//! past 128) in a field the passes skip is relayed as it came, as any proxy would relay it; a
+//! rewrite that must parse it fails the answer instead.
 
 use std::ops::Range;
 
@@ -22,6 +23,7 @@ use serde_json::Value;
 use super::{JsonObject, Usage};
 use crate::json;
 use crate::json::borrowed::{entry_span, span_in, splice, Present};
+use crate::openai::ResponseView;
 
 #[derive(Debug, Clone)]
 pub struct RelayedObject {
@@ -219,15 +221,37 @@ impl RelayedObject {
     pub fn object_mut(&mut self) -> Result<&mut JsonObject, serde_json::Error> {
         let object = match self.object.take() {
             Some(object) => object,
-            None => {
-                let mut object: JsonObject = serde_json::from_slice(&self.sent)?;
-                if self.fields.dropped.is_some() {
-                    object.shift_remove("usage");
-                }
-                object
-            }
+            None => self.parse_sent()?,
         };
         Ok(self.object.insert(object))
+    }
+
+    /// What a post-call guardrail reads, without parsing the upstream's bytes into an object
+    /// where one borrowing pass can read it; the bytes are still relayed as they came.
+    pub fn response_view(&self) -> Result<ResponseView, serde_json::Error> {
+        if let Some(object) = &self.object {
+            return Ok(ResponseView::of(object));
+        }
+        let usage = self
+            .fields
+            .dropped
+            .is_none()
+            .then_some(self.fields.parsed_usage);
+        let peeked = std::str::from_utf8(&self.sent)
+            .ok()
+            .and_then(|text| ResponseView::peek(text, usage.flatten()));
+        match peeked {
+            Some(view) => Ok(view),
+            None => Ok(ResponseView::of(&self.parse_sent()?)),
+        }
+    }
+
+    fn parse_sent(&self) -> Result<JsonObject, serde_json::Error> {
+        let mut object: JsonObject = serde_json::from_slice(&self.sent)?;
+        if self.fields.dropped.is_some() {
+            object.shift_remove("usage");
+        }
+        Ok(object)
     }
 
     /// The object itself, parsed if it was not yet.
