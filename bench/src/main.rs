@@ -68,6 +68,9 @@ enum Command {
         servers: Vec<String>,
         #[arg(long, default_value_t = 2000)]
         requests: u64,
+        /// Count streamed requests (16 deltas each) instead of whole answers.
+        #[arg(long)]
+        stream: bool,
         #[arg(long, default_value = "target/release/portcullis")]
         gateway: PathBuf,
         #[arg(long, default_value = "target/wasm32-wasip2/release")]
@@ -157,6 +160,7 @@ fn main() -> anyhow::Result<()> {
         Command::Instructions {
             servers,
             requests,
+            stream,
             gateway,
             plugins,
             work,
@@ -174,7 +178,7 @@ fn main() -> anyhow::Result<()> {
                 soak: Duration::ZERO,
                 peers: None,
             };
-            runner::instructions(options, &servers, requests.max(1))
+            runner::instructions(options, &servers, requests.max(1), stream)
         }
         Command::Mock {
             listen,

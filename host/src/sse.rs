@@ -3,6 +3,8 @@
 //! Upstream bytes arrive in arbitrary pieces; the parser hands out whole events only, so decoders
 //! never see half a JSON object (the bug that breaks token counts in other gateways).
 
+use std::borrow::Cow;
+
 use bytes::{Bytes, BytesMut};
 
 /// One whole event: its `event:` name if any and its `data:` lines joined by newlines.
@@ -29,7 +31,7 @@ impl SseParser {
     pub fn push(&mut self, bytes: &[u8]) -> Vec<SseEvent> {
         self.buffer.extend_from_slice(bytes);
         let mut events = Vec::new();
-        while let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
+        while let Some(end) = memchr::memchr(b'\n', &self.buffer) {
             let line = self.buffer.split_to(end + 1);
             let line = strip_line_end(&line);
             if let Some(event) = self.take_line(line) {
@@ -67,7 +69,11 @@ impl SseParser {
             }
             None => (line, &b""[..]),
         };
-        let value = String::from_utf8_lossy(value);
+        // The strict check first: it runs words at a time over ASCII, the lossy one byte by byte.
+        let value = match std::str::from_utf8(value) {
+            Ok(text) => Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(value),
+        };
         match field {
             b"data" => match &mut self.data {
                 Some(data) => {

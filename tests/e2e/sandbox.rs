@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::client;
-use support::fixtures::{assert_error, chat};
+use support::fixtures::{assert_error, chat, chat_stream};
 use support::{wasm, Gateway, TempDir};
 
 fn misbehave_wasm() -> PathBuf {
@@ -313,6 +313,46 @@ async fn every_call_gets_a_fresh_instance_unless_the_plugin_is_pooled() {
         reasons(&pooled, 5).await,
         ["call 1", "call 2", "call 3", "call 1", "call 2"]
     );
+}
+
+/// The `[call N]` marks `n` streams in a row end with (the `count` check on streams).
+async fn stream_marks(gateway: &Gateway, n: usize) -> Vec<String> {
+    let mut marks = Vec::new();
+    for _ in 0..n {
+        let url = format!("{}/v1/chat/completions", gateway.url());
+        let response = client::stream_sse(&url, None, &chat_stream("echo", "hello")).await;
+        let text: String = response
+            .json_events()
+            .iter()
+            .filter_map(|e| {
+                e["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        let mark = text.rsplit('[').next().unwrap_or_default();
+        marks.push(mark.trim_end_matches(']').to_owned());
+    }
+    marks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_instance_that_saw_a_stream_to_its_end_serves_the_next() {
+    let stream_guard = "mode: post_call, config: { check: count }";
+    let fresh = Gateway::start(&config(stream_guard, "")).await;
+    let fresh_marks = stream_marks(&fresh, 2).await;
+    assert_eq!(fresh_marks[0], fresh_marks[1], "{fresh_marks:?}");
+
+    let pooled = Gateway::start(&config(&format!("instance: pooled, {stream_guard}"), "")).await;
+    let marks = stream_marks(&pooled, 3).await;
+    let counts: Vec<u32> = marks
+        .iter()
+        .map(|m| m.trim_start_matches("call ").parse().expect("a count"))
+        .collect();
+    // The count goes on from one stream to the next: the same warm instance saw all three.
+    assert_eq!(marks[0], fresh_marks[0]);
+    assert_eq!(counts[1], 2 * counts[0], "{marks:?}");
+    assert_eq!(counts[2], 3 * counts[0], "{marks:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -56,7 +56,7 @@ pub async fn measure_all(
     let requests = if options.quick { 300 } else { 2000 };
     let mut counts = BTreeMap::new();
     for set in MEASURED {
-        let count = measure(options, pinning, mock, set, requests).await;
+        let count = measure(options, pinning, mock, set, requests, false).await;
         eprintln!("callgrind {}: {count:?}", label(set));
         let count = count.map(|c| c.per_request).map_err(|e| format!("{e:#}"));
         counts.insert(label(set).to_owned(), count);
@@ -71,13 +71,15 @@ pub struct Count {
     pub dump: PathBuf,
 }
 
-/// Instructions per request of the floor (`set` is `None`) or of Portcullis with `set`.
+/// Instructions per request of the floor (`set` is `None`) or of Portcullis with `set`; with
+/// `stream`, per streamed request (the mock's 16 deltas).
 pub async fn measure(
     options: &Options,
     pinning: &Pinning,
     mock: &Mock,
     set: Option<PluginSet>,
     requests: u64,
+    stream: bool,
 ) -> anyhow::Result<Count> {
     let dumps = options.work.join("callgrind");
     std::fs::create_dir_all(&dumps)?;
@@ -104,6 +106,11 @@ pub async fn measure(
         }
     };
     let target = client_target(server.address);
+    let target = if stream {
+        super::scenarios::streaming(&target)
+    } else {
+        target
+    };
     let warmup = load::run(
         &target,
         Pace::Closed {

@@ -108,7 +108,12 @@ pub fn run(mut options: Options) -> anyhow::Result<()> {
 /// `portcullis-bench instructions`: the callgrind counts alone, for the servers named (short
 /// names, as [`callgrind::short_name`] gives them; all when none are), keeping each dump for
 /// `callgrind_annotate`.
-pub fn instructions(mut options: Options, names: &[String], requests: u64) -> anyhow::Result<()> {
+pub fn instructions(
+    mut options: Options,
+    names: &[String],
+    requests: u64,
+    stream: bool,
+) -> anyhow::Result<()> {
     let sets: Vec<_> = callgrind::MEASURED
         .into_iter()
         .filter(|set| names.is_empty() || names.iter().any(|n| n == callgrind::short_name(*set)))
@@ -142,7 +147,8 @@ pub fn instructions(mut options: Options, names: &[String], requests: u64) -> an
         )
         .await?;
         for set in sets {
-            let count = callgrind::measure(&options, &pinning, &mock, set, requests).await?;
+            let count =
+                callgrind::measure(&options, &pinning, &mock, set, requests, stream).await?;
             println!(
                 "{:<16} {:>9.0} instructions/request  {}",
                 callgrind::short_name(set),

@@ -155,11 +155,7 @@ pub async fn measure(
     metrics.insert(metric::SLOW_FAILED.into(), slow.failed as f64);
 
     // 3. Streams: time to first byte; gaps between paced deltas; 1,000 held at once.
-    let streaming = Target {
-        body: streamed(&target.body),
-        stream: true,
-        ..target.clone()
-    };
+    let streaming = streaming(target);
     mock.set(INSTANT);
     let first = load::run(
         &streaming,
@@ -217,10 +213,15 @@ fn report_failures(what: &str, outcome: &Outcome) {
 }
 
 /// The same request with `"stream": true`.
-fn streamed(body: &bytes::Bytes) -> bytes::Bytes {
-    let mut value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    value["stream"] = serde_json::Value::Bool(true);
-    bytes::Bytes::from(value.to_string())
+/// The same request, asking for a stream.
+pub fn streaming(target: &Target) -> Target {
+    let mut body: serde_json::Value = serde_json::from_slice(&target.body).unwrap_or_default();
+    body["stream"] = serde_json::Value::Bool(true);
+    Target {
+        body: bytes::Bytes::from(body.to_string()),
+        stream: true,
+        ..target.clone()
+    }
 }
 
 /// A process's memory at one moment, in bytes.

@@ -242,8 +242,8 @@ pub struct PluginConfig {
     /// instances reused, one call at a time.
     #[serde(default)]
     pub instance: InstanceMode,
-    /// With `instance: pooled`: how many calls one instance serves before it is replaced. Any
-    /// failure replaces it at once.
+    /// With `instance: pooled`: how many calls one instance serves before it is replaced (a
+    /// whole stream counts as one). Any failure replaces it at once.
     #[serde(default = "default_recycle_after")]
     pub recycle_after: u32,
     #[serde(default)]

@@ -2,12 +2,15 @@
 //! Chat choices carry `message.content` (whole) or `delta.content` (chunks); legacy completions
 //! carry `text` in both.
 
+use std::borrow::Cow;
+use std::marker::PhantomData;
+
+use serde::de::value::SeqAccessDeserializer;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::content_text;
-use crate::json::borrowed::{ObjectOf, Present};
 use crate::providers::{JsonObject, Usage};
 
 /// One choice's text as a guardrail sees it.
@@ -91,57 +94,20 @@ impl ResponseView {
         }
     }
 
-    /// The view of a whole response's JSON text by one borrowing pass, which reads what [`of`]
-    /// reads of the parsed object and builds nothing else; `usage` is the caller's. `None` where
-    /// the text strays from the plain shape (a repeated field it reads, an `index` or content
-    /// it cannot read as a value), and then the parsed object decides.
-    ///
-    /// [`of`]: ResponseView::of
+    /// The view of a whole response's or a chunk's JSON text, read in one pass that builds
+    /// nothing else; `usage` is the caller's. `None` where the text strays from the plain shape
+    /// (not an object, or a field it reads given twice), and then the parsed object decides.
     pub fn peek(text: &str, usage: Option<Usage>) -> Option<ResponseView> {
-        let ObjectOf(top) = serde_json::from_str::<ObjectOf<ResponsePeek<'_>>>(text).ok()?;
-        let listed = match top.choices.raw() {
-            Some(raw) if raw.starts_with('[') => {
-                serde_json::from_str::<Vec<&RawValue>>(raw).ok()?
-            }
-            _ => Vec::new(),
+        let top: Shallow<TopFields> = serde_json::from_str(text).ok()?;
+        let Shallow::Object(top) = top else {
+            return None;
         };
-        let mut choices = Vec::with_capacity(listed.len());
-        for (position, raw) in listed.iter().enumerate() {
-            // Anything but an object is no choice, though it keeps its place.
-            if !raw.get().starts_with('{') {
-                continue;
-            }
-            let choice: ChoicePeek<'_> = serde_json::from_str(raw.get()).ok()?;
-            let index = match choice.index.raw() {
-                None => position,
-                Some(raw) => serde_json::from_str::<Value>(raw)
-                    .ok()?
-                    .as_u64()
-                    .map_or(position, |i| i as usize),
-            };
-            let holder = [&choice.message, &choice.delta]
-                .into_iter()
-                .find_map(|field| field.raw().filter(|raw| raw.starts_with('{')));
-            let text = match holder {
-                Some(holder) => {
-                    let holder: HolderPeek<'_> = serde_json::from_str(holder).ok()?;
-                    match holder.content.raw() {
-                        None | Some("null") => String::new(),
-                        Some(raw) if raw.starts_with('"') => serde_json::from_str(raw).ok()?,
-                        Some(raw) => content_text(Some(&serde_json::from_str(raw).ok()?)),
-                    }
-                }
-                None => string_in(&choice.text)?.unwrap_or_default(),
-            };
-            choices.push(ChoiceText {
-                index,
-                text,
-                finish_reason: string_in(&choice.finish_reason)?,
-            });
-        }
         Some(ResponseView {
-            model: string_in(&top.model)?.unwrap_or_default(),
-            choices,
+            model: top.model.and_then(Shallow::into_str).unwrap_or_default(),
+            choices: match top.choices {
+                Some(Shallow::List(ChoiceList(choices))) => choices,
+                _ => Vec::new(),
+            },
             usage,
         })
     }
@@ -154,41 +120,221 @@ impl ResponseView {
     }
 }
 
-/// The fields of a response that [`ResponseView::peek`] reads.
-#[derive(Deserialize)]
-struct ResponsePeek<'a> {
-    #[serde(borrow, default)]
-    model: Present<'a>,
-    #[serde(borrow, default)]
-    choices: Present<'a>,
+/// A value as [`ResponseView::peek`] reads it: a string, an unsigned integer, an object read
+/// by `T`, a list read by `L`, or anything else, skipped. Each is what `Value::as_str`,
+/// `as_u64`, `as_object` and `as_array` would find in the parsed value.
+enum Shallow<T, L = Skipped> {
+    Str(String),
+    Unsigned(u64),
+    Object(T),
+    List(L),
+    Other,
 }
 
-#[derive(Deserialize)]
-struct ChoicePeek<'a> {
-    #[serde(borrow, default)]
-    index: Present<'a>,
-    #[serde(borrow, default)]
-    message: Present<'a>,
-    #[serde(borrow, default)]
-    delta: Present<'a>,
-    #[serde(borrow, default)]
-    text: Present<'a>,
-    #[serde(borrow, default)]
-    finish_reason: Present<'a>,
+impl<T, L> Shallow<T, L> {
+    fn into_str(self) -> Option<String> {
+        match self {
+            Shallow::Str(text) => Some(text),
+            _ => None,
+        }
+    }
 }
 
-#[derive(Deserialize)]
-struct HolderPeek<'a> {
-    #[serde(borrow, default)]
-    content: Present<'a>,
+/// An object's fields, read as a map visitor meets them.
+trait FromMap<'de>: Sized {
+    fn from_map<A: MapAccess<'de>>(map: A) -> Result<Self, A::Error>;
 }
 
-/// A field's string, `Some(None)` if it is absent or holds anything else (as `Value::as_str`
-/// reads it), `None` if the string cannot be read.
-fn string_in(field: &Present<'_>) -> Option<Option<String>> {
-    match field.raw() {
-        Some(raw) if raw.starts_with('"') => serde_json::from_str(raw).ok().map(Some),
-        _ => Some(None),
+/// A list's elements, read as a sequence visitor meets them.
+trait FromSeq<'de>: Sized {
+    fn from_seq<A: SeqAccess<'de>>(seq: A) -> Result<Self, A::Error>;
+}
+
+/// An object or list whose contents do not matter.
+struct Skipped;
+
+impl<'de> FromMap<'de> for Skipped {
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Skipped)
+    }
+}
+
+impl<'de> FromSeq<'de> for Skipped {
+    fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Skipped)
+    }
+}
+
+impl<'de, T: FromMap<'de>, L: FromSeq<'de>> Deserialize<'de> for Shallow<T, L> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ShallowVisitor<T, L>(PhantomData<(T, L)>);
+        impl<'de, T: FromMap<'de>, L: FromSeq<'de>> Visitor<'de> for ShallowVisitor<T, L> {
+            type Value = Shallow<T, L>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+                Ok(Shallow::Str(text.to_owned()))
+            }
+            fn visit_u64<E: de::Error>(self, number: u64) -> Result<Self::Value, E> {
+                Ok(Shallow::Unsigned(number))
+            }
+            fn visit_i64<E: de::Error>(self, number: i64) -> Result<Self::Value, E> {
+                Ok(u64::try_from(number).map_or(Shallow::Other, Shallow::Unsigned))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Shallow::Other)
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Shallow::Other)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Shallow::Other)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                L::from_seq(seq).map(Shallow::List)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::from_map(map).map(Shallow::Object)
+            }
+        }
+        deserializer.deserialize_any(ShallowVisitor(PhantomData))
+    }
+}
+
+/// Sets a field read once; a field given twice sends the text to the parse, where the last
+/// counts.
+fn once<T, E: de::Error>(slot: &mut Option<T>, value: T) -> Result<(), E> {
+    match slot.replace(value) {
+        None => Ok(()),
+        Some(_) => Err(E::custom("a field given twice")),
+    }
+}
+
+/// The fields of a response or chunk that [`ResponseView::peek`] reads.
+struct TopFields {
+    model: Option<Shallow<Skipped>>,
+    choices: Option<Shallow<Skipped, ChoiceList>>,
+}
+
+impl<'de> FromMap<'de> for TopFields {
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut fields = TopFields {
+            model: None,
+            choices: None,
+        };
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match &*key {
+                "model" => once(&mut fields.model, map.next_value()?)?,
+                "choices" => once(&mut fields.choices, map.next_value()?)?,
+                _ => drop(map.next_value::<IgnoredAny>()?),
+            }
+        }
+        Ok(fields)
+    }
+}
+
+/// `choices`: the texts of its objects, each at its `index` or its place in the list.
+struct ChoiceList(Vec<ChoiceText>);
+
+impl<'de> FromSeq<'de> for ChoiceList {
+    fn from_seq<A: SeqAccess<'de>>(mut seq: A) -> Result<Self, A::Error> {
+        let mut choices = Vec::new();
+        let mut position = 0;
+        while let Some(element) = seq.next_element::<Shallow<ChoiceFields>>()? {
+            if let Shallow::Object(choice) = element {
+                choices.push(choice.into_text(position));
+            }
+            position += 1;
+        }
+        Ok(ChoiceList(choices))
+    }
+}
+
+#[derive(Default)]
+struct ChoiceFields {
+    index: Option<Shallow<Skipped>>,
+    message: Option<Shallow<HolderFields>>,
+    delta: Option<Shallow<HolderFields>>,
+    text: Option<Shallow<Skipped>>,
+    finish_reason: Option<Shallow<Skipped>>,
+}
+
+impl<'de> FromMap<'de> for ChoiceFields {
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut fields = ChoiceFields::default();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match &*key {
+                "index" => once(&mut fields.index, map.next_value()?)?,
+                "message" => once(&mut fields.message, map.next_value()?)?,
+                "delta" => once(&mut fields.delta, map.next_value()?)?,
+                "text" => once(&mut fields.text, map.next_value()?)?,
+                "finish_reason" => once(&mut fields.finish_reason, map.next_value()?)?,
+                _ => drop(map.next_value::<IgnoredAny>()?),
+            }
+        }
+        Ok(fields)
+    }
+}
+
+impl ChoiceFields {
+    fn into_text(self, position: usize) -> ChoiceText {
+        let index = match self.index {
+            Some(Shallow::Unsigned(index)) => index as usize,
+            _ => position,
+        };
+        // As `text_holder` reads it: `message` if it is an object, else `delta` if it is.
+        let holder = [self.message, self.delta]
+            .into_iter()
+            .find_map(|field| match field {
+                Some(Shallow::Object(holder)) => Some(holder),
+                _ => None,
+            });
+        let text = match holder {
+            Some(holder) => holder.content.unwrap_or_default(),
+            None => self.text.and_then(Shallow::into_str).unwrap_or_default(),
+        };
+        ChoiceText {
+            index,
+            text,
+            finish_reason: self.finish_reason.and_then(Shallow::into_str),
+        }
+    }
+}
+
+/// A `message` or `delta` object: its `content` as [`content_text`] reads it.
+struct HolderFields {
+    content: Option<String>,
+}
+
+impl<'de> FromMap<'de> for HolderFields {
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut content = None;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if key == "content" {
+                let text = match map.next_value::<Shallow<Skipped, Parts>>()? {
+                    Shallow::Str(text) => text,
+                    Shallow::List(Parts(parts)) => content_text(Some(&parts)),
+                    _ => String::new(),
+                };
+                once(&mut content, text)?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(HolderFields { content })
+    }
+}
+
+/// A list of content parts, read as a value: parts are few, and rare in answers.
+struct Parts(Value);
+
+impl<'de> FromSeq<'de> for Parts {
+    fn from_seq<A: SeqAccess<'de>>(seq: A) -> Result<Self, A::Error> {
+        Value::deserialize(SeqAccessDeserializer::new(seq)).map(Parts)
     }
 }
 
@@ -259,7 +405,7 @@ mod tests {
         assert_eq!(choice_texts(&role_only)[0].text, "");
     }
 
-    /// Responses in the plain shape, which the borrowing pass must read.
+    /// Responses and stream chunks in the plain shape, which the borrowing pass must read.
     const PLAIN: &[&str] = &[
         r#"{"id":"x","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#,
         r#"{"choices":[{"index":1,"message":{"content":[{"type":"text","text":"a"},{"type":"image_url"},{"type":"text","text":"b"}]}},{"index":0,"message":{"content":null},"finish_reason":null}]}"#,
@@ -269,6 +415,12 @@ mod tests {
         r#"{"choices":[{"index":-0,"message":{"content":17}},{"index":2.0,"text":3,"finish_reason":false},{"index":null}]}"#,
         r#"{"ch\u006fices":[{"index":4,"message":{"content":"escaped key"}}]}"#,
         r#"{}"#,
+        r#"{"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"he said \"hi\""},"finish_reason":null}]}"#,
+        r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{}"}}]},"finish_reason":"tool_calls"}]}"#,
+        r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":null}"#,
+        r#"{"choices":[[1,2],"x",{"index":"1","delta":{"content":{"a":1}}},{"message":[1],"text":"t"}]}"#,
+        r#"{"choices":[{"index":18446744073709551615,"text":"max","finish_reason":7}],"model":{"name":"m"}}"#,
+        r#"{"model":"m","choices":[{"delta":{"role":"assistant","content":[{"type":"text","text":"p"},{"type":"text","text":"q"}]},"finish_reason":"stop"}]}"#,
     ];
 
     /// What the pass may hand to the parse instead.
@@ -277,6 +429,8 @@ mod tests {
         r#"{"choices":[{"index":0,"message":{"content":"x","content":"y"}}]}"#,
         r#"{"choices":[{"index":0,"index":1,"text":"x"}]}"#,
         r#"["not", "an", "object"]"#,
+        r#"{"choices":[],"choices":[{"text":"a"}]}"#,
+        r#"{"choices":[{"delta":{"content":"a"},"finish_reason":null,"finish_reason":"stop"}]}"#,
     ];
 
     #[test]

@@ -22,7 +22,7 @@ use crate::extension::{
 };
 use crate::generation::{Generation, GuardrailSlot};
 use crate::openai::{self, ApiRequest};
-use crate::providers::{Endpoint, JsonObject, RelayedObject};
+use crate::providers::{Endpoint, RelayedObject};
 
 /// Each guardrail that ran and its outcome, for the call record.
 type Outcomes = Vec<(String, &'static str)>;
@@ -281,12 +281,15 @@ struct StreamGuard {
     monitor: bool,
     check: Box<dyn StreamCheck>,
     /// Per choice index: what this guardrail holds back and what it has released.
-    choices: Vec<(u32, ChoiceText)>,
+    choices: Vec<(u32, ChoiceState)>,
     outcome: &'static str,
 }
 
 #[derive(Default)]
-struct ChoiceText {
+struct ChoiceState {
+    /// Whether the guardrail has been shown text of this choice: if so, it is shown the choice's
+    /// last delta too, even an empty one, so it knows the choice ended.
+    shown: bool,
     held: String,
     /// The end of what was released (at most [`RELEASED_TAIL`] bytes): the context a match cut
     /// by an earlier release continues from. Whole, it would make each delta cost more than the
@@ -297,7 +300,7 @@ struct ChoiceText {
 /// How much released text each delta shows a guardrail.
 const RELEASED_TAIL: usize = 4 * 1024;
 
-impl ChoiceText {
+impl ChoiceState {
     fn release(&mut self, text: &str) {
         self.released.push_str(text);
         if self.released.len() > 2 * RELEASED_TAIL {
@@ -310,11 +313,11 @@ impl ChoiceText {
     }
 }
 
-fn choice_of(choices: &mut Vec<(u32, ChoiceText)>, index: u32) -> &mut ChoiceText {
+fn choice_of(choices: &mut Vec<(u32, ChoiceState)>, index: u32) -> &mut ChoiceState {
     let position = match choices.iter().position(|(i, _)| *i == index) {
         Some(position) => position,
         None => {
-            choices.push((index, ChoiceText::default()));
+            choices.push((index, ChoiceState::default()));
             choices.len() - 1
         }
     };
@@ -333,9 +336,10 @@ impl StreamGuard {
         let state = choice_of(&mut self.choices, index);
         let mut input = std::mem::take(&mut state.held);
         input.push_str(&text);
-        if input.is_empty() {
+        if input.is_empty() && !(finished && state.shown) {
             return Ok(input);
         }
+        state.shown = true;
         let delta = StreamDelta {
             choice_index: index,
             text: &input,
@@ -421,9 +425,14 @@ impl StreamGuards {
         (!guards.is_empty()).then_some(StreamGuards { guards })
     }
 
-    /// Passes the text of each choice of `chunk` through every guardrail, rewriting it in place.
-    pub async fn filter(&mut self, chunk: &mut JsonObject) -> Result<(), GatewayError> {
-        for choice in openai::choice_texts(chunk) {
+    /// Passes the text of each choice of a chunk through every guardrail: the texts that came
+    /// out changed, by choice index.
+    pub async fn filter(
+        &mut self,
+        choices: &[openai::ChoiceText],
+    ) -> Result<Vec<(usize, String)>, GatewayError> {
+        let mut rewrites = Vec::new();
+        for choice in choices {
             let finished = choice.finish_reason.is_some();
             let index = choice.index as u32;
             let mut text = choice.text.clone();
@@ -431,10 +440,10 @@ impl StreamGuards {
                 text = guard.pass(index, text, finished).await?;
             }
             if text != choice.text {
-                openai::set_choice_text(chunk, choice.index, text);
+                rewrites.push((choice.index, text));
             }
         }
-        Ok(())
+        Ok(rewrites)
     }
 
     /// At the end of a stream that never finished a choice: the text still held back, released
@@ -475,6 +484,7 @@ impl StreamGuards {
 mod tests {
     use super::*;
     use crate::extension::{ready, BoxFuture};
+    use crate::providers::JsonObject;
     use serde_json::json;
 
     /// Holds text until it ends in a space (or the choice finishes), then releases it upper-cased;
@@ -556,8 +566,13 @@ mod tests {
         let mut out = Vec::new();
         for (text, finished) in deltas {
             let mut chunk = chunk(text, *finished);
-            out.push(match guards.filter(&mut chunk).await {
-                Ok(()) => Ok(openai::choice_texts(&chunk)[0].text.clone()),
+            out.push(match guards.filter(&openai::choice_texts(&chunk)).await {
+                Ok(rewrites) => {
+                    for (index, text) in rewrites {
+                        openai::set_choice_text(&mut chunk, index, text);
+                    }
+                    Ok(openai::choice_texts(&chunk)[0].text.clone())
+                }
                 Err(e) => Err(e.to_string()),
             });
         }
@@ -592,6 +607,20 @@ mod tests {
         ]);
         let out = run(&mut g, &[("a", false), ("b ", false), ("c", true)]).await;
         assert_eq!(out, [Ok("".into()), Ok("AB !".into()), Ok("C!".into())]);
+    }
+
+    #[tokio::test]
+    async fn a_guardrail_shown_a_choice_is_shown_its_end_even_when_empty() {
+        let mut g = guards(vec![(false, Box::new(Marking(Vec::new())))]);
+        let out = run(&mut g, &[("a", false), ("", false), ("", true)]).await;
+        assert_eq!(out, [Ok("a!".into()), Ok("".into()), Ok("!".into())]);
+
+        // A choice without text is never shown, not even its end.
+        let mut g = guards(vec![(false, Box::new(Marking(Vec::new())))]);
+        assert_eq!(
+            run(&mut g, &[("", false), ("", true)]).await,
+            [Ok("".into()), Ok("".into())]
+        );
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@ use crate::call::{Call, Outcome};
 use crate::error::GatewayError;
 use crate::generation::Generation;
 use crate::json;
+use crate::openai;
 use crate::pipeline::guardrails::StreamGuards;
 use crate::pipeline::post_call::Charging;
 use crate::pipeline::route::{Answer, Routed};
@@ -234,22 +235,38 @@ fn client_stream(
                         // Without guardrails a chunk goes out as it came, relabelled.
                         None => chunk.into_body(model),
                         Some(guards) => {
-                            let mut object = match chunk.into_object() {
-                                Ok(object) => object,
-                                Err(e) => {
-                                    let err = not_an_object(e);
-                                    return Some((Ok(Frame::data(state.fail(err))), state));
-                                }
-                            };
-                            set_model(&mut object, model);
                             // Only guardrails may need to add chunks of their own at the end.
                             if state.template.is_none() {
-                                state.template = Some(chunk_template(&object));
+                                match chunk.object_mut() {
+                                    Ok(object) => {
+                                        let mut template = chunk_template(object);
+                                        set_model(&mut template, model);
+                                        state.template = Some(template);
+                                    }
+                                    Err(e) => {
+                                        let err = not_an_object(e);
+                                        return Some((Ok(Frame::data(state.fail(err))), state));
+                                    }
+                                }
                             }
-                            if let Err(err) = guards.filter(&mut object).await {
-                                return Some((Ok(Frame::data(state.fail(err))), state));
+                            // The chunk is parsed only if a guardrail changed a text of it.
+                            let rewrites = match chunk.response_view() {
+                                Ok(view) => guards.filter(&view.choices).await,
+                                Err(e) => Err(not_an_object(e)),
+                            };
+                            let rewritten = rewrites.and_then(|rewrites| {
+                                if !rewrites.is_empty() {
+                                    let object = chunk.object_mut().map_err(not_an_object)?;
+                                    for (index, text) in rewrites {
+                                        openai::set_choice_text(object, index, text);
+                                    }
+                                }
+                                Ok(chunk.into_body(model))
+                            });
+                            match rewritten {
+                                Ok(body) => body,
+                                Err(err) => return Some((Ok(Frame::data(state.fail(err))), state)),
                             }
-                            json::to_vec(&object)
                         }
                     };
                     return Some((Ok(Frame::data(sse::encode_data(&json))), state));

@@ -753,14 +753,7 @@ impl LoadedPlugin {
         budget: &mut Budget,
         call: impl AsyncFnOnce(&mut Store<StoreState>, &Instance, &mut Guests) -> wasmtime::Result<T>,
     ) -> Result<T, PluginFailure> {
-        let mut live = match self.pool.as_ref().and_then(Pool::take) {
-            Some(mut live) => {
-                live.store.data_mut().scope = scope;
-                begin_call(&mut live.store);
-                live
-            }
-            None => self.instantiate(scope, budget).await?,
-        };
+        let mut live = self.warm_or_fresh(scope, budget).await?;
         let value = self
             .within(
                 budget,
@@ -771,6 +764,22 @@ impl LoadedPlugin {
             pool.give_back(live);
         }
         Ok(value)
+    }
+
+    /// An idle pooled instance set up for `scope`, or a fresh one.
+    async fn warm_or_fresh(
+        &self,
+        scope: CallScope,
+        budget: &mut Budget,
+    ) -> Result<Live, PluginFailure> {
+        match self.pool.as_ref().and_then(Pool::take) {
+            Some(mut live) => {
+                live.store.data_mut().scope = scope;
+                begin_call(&mut live.store);
+                Ok(live)
+            }
+            None => self.instantiate(scope, budget).await,
+        }
     }
 
     fn timed_out(&self) -> PluginFailure {
@@ -877,12 +886,54 @@ impl LoadedPlugin {
 }
 
 /// One instance that sees a whole stream, delta by delta, as `check-stream` promises. It is
-/// started at the first delta, so a stream without text costs nothing, and dropped with the
-/// stream, or at its first failure: a trapped store is never entered again.
+/// taken (warm from the pool, or started) at the first delta, so a stream without text costs
+/// nothing. A pooled instance goes back to the pool with the stream only if it saw every choice
+/// to its last delta and released it: what it kept for the stream, it has been told to let go.
+/// Otherwise, and at its first failure, it is dropped: a trapped store is never entered again.
 pub struct StreamSession {
     plugin: Arc<LoadedPlugin>,
     scope: Option<CallScope>,
     live: Option<Live>,
+    progress: StreamProgress,
+}
+
+/// Whether a stream's instance may serve again, from the deltas it saw and what it answered.
+#[derive(Debug, Default)]
+struct StreamProgress {
+    /// Choices the instance has seen deltas of, but not the last one.
+    unfinished: Vec<u32>,
+    /// It blocked the stream, or held text at a choice's end.
+    spoiled: bool,
+}
+
+impl StreamProgress {
+    fn saw(&mut self, delta: &StreamDelta<'_>, verdict: &StreamVerdict) {
+        let index = delta.choice_index;
+        self.unfinished.retain(|&i| i != index);
+        match verdict {
+            StreamVerdict::Block { .. } => self.spoiled = true,
+            StreamVerdict::Hold if delta.finished => self.spoiled = true,
+            _ if !delta.finished => self.unfinished.push(index),
+            _ => {}
+        }
+    }
+
+    fn ended_clean(&self) -> bool {
+        self.unfinished.is_empty() && !self.spoiled
+    }
+}
+
+impl Drop for StreamSession {
+    fn drop(&mut self) {
+        let Some(live) = self.live.take() else {
+            return;
+        };
+        if let Some(pool) = &self.plugin.pool {
+            if self.progress.ended_clean() {
+                pool.give_back(live);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for StreamSession {
@@ -900,6 +951,7 @@ impl StreamSession {
             plugin,
             scope: Some(scope),
             live: None,
+            progress: StreamProgress::default(),
         }
     }
 
@@ -916,7 +968,7 @@ impl StreamSession {
                     Some(current) => current,
                     None => {
                         let scope = scope.take().unwrap_or_default();
-                        plugin.instantiate(scope, budget).await?
+                        plugin.warm_or_fresh(scope, budget).await?
                     }
                 };
                 let Live {
@@ -937,5 +989,58 @@ impl StreamSession {
                 Ok(verdict)
             })
             .await
+            .inspect(|verdict| self.progress.saw(delta, verdict))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delta(choice_index: u32, finished: bool) -> StreamDelta<'static> {
+        StreamDelta {
+            choice_index,
+            text: "text",
+            released: "",
+            finished,
+        }
+    }
+
+    fn release() -> StreamVerdict {
+        StreamVerdict::Release("text".into())
+    }
+
+    #[test]
+    fn an_instance_serves_again_once_every_choice_it_saw_has_ended() {
+        let mut progress = StreamProgress::default();
+        progress.saw(&delta(0, false), &release());
+        progress.saw(&delta(1, false), &StreamVerdict::Hold);
+        progress.saw(&delta(0, true), &release());
+        assert!(!progress.ended_clean(), "choice 1 is still open");
+        progress.saw(&delta(1, true), &release());
+        assert!(progress.ended_clean());
+    }
+
+    #[test]
+    fn an_instance_that_blocked_or_held_at_the_end_never_serves_again() {
+        let mut blocked = StreamProgress::default();
+        blocked.saw(
+            &delta(0, false),
+            &StreamVerdict::Block {
+                reason: "no".into(),
+            },
+        );
+        assert!(!blocked.ended_clean());
+
+        let mut held = StreamProgress::default();
+        held.saw(&delta(0, true), &StreamVerdict::Hold);
+        assert!(!held.ended_clean());
+    }
+
+    #[test]
+    fn a_stream_cut_before_its_end_spends_its_instance() {
+        let mut progress = StreamProgress::default();
+        progress.saw(&delta(0, false), &release());
+        assert!(!progress.ended_clean());
     }
 }

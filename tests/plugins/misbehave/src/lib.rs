@@ -3,7 +3,8 @@
 //! Config: `{"init": "ok" | "slow" | "reject", "check": "allow" | "block" | "loop" | "oom" | "trap" |
 //! "probe" | "count", "delay_ms": N, "trap_at": N, "route": "nowhere" | "to_team"}`. `probe` blocks with a JSON report of what the
 //! sandbox let it see (files, environment, clocks). `count` blocks with `call N`, N counting the
-//! checks this instance has served, and traps at call `trap_at`: it shows instance reuse.
+//! checks this instance has served, and traps at call `trap_at`: it shows instance reuse (on
+//! streams it appends `[call N]` to each choice's last delta instead of blocking).
 //! `delay_ms` makes each check take that long first (it needs the clocks granted).
 //! As a router it answers an index that does not exist, or with `to_team` the deployment whose
 //! id is the caller's team (reading the lent request as content-aware routers do).
@@ -12,7 +13,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use portcullis_plugin_sdk::{
-    Candidate, Config, Guardrail, Plugin, Request, RequestVerdict, Router,
+    Candidate, Config, Guardrail, Plugin, Request, RequestVerdict, Router, StreamDelta,
+    StreamVerdict,
 };
 use serde::Deserialize;
 
@@ -96,14 +98,34 @@ impl Guardrail for Misbehave {
             Check::Oom => hog_memory(),
             Check::Trap => panic!("misbehave: trapping on purpose"),
             Check::Probe => RequestVerdict::Block(probe()),
-            Check::Count => {
-                let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
-                if self.trap_at == Some(n) {
-                    panic!("misbehave: trapping at call {n} on purpose");
-                }
-                RequestVerdict::Block(format!("call {n}"))
-            }
+            Check::Count => RequestVerdict::Block(format!("call {}", self.count_call())),
         }
+    }
+
+    /// With `count`, a choice's last delta ends with `[call N]`, N counting the deltas this
+    /// instance has checked; every other check releases the text as it came.
+    fn check_stream(&self, _request: &Request<'_>, delta: &StreamDelta) -> StreamVerdict {
+        match self.check {
+            Check::Count => {
+                let n = self.count_call();
+                if delta.finished {
+                    StreamVerdict::Release(format!("{}[call {n}]", delta.text))
+                } else {
+                    StreamVerdict::Release(delta.text.clone())
+                }
+            }
+            _ => StreamVerdict::Release(delta.text.clone()),
+        }
+    }
+}
+
+impl Misbehave {
+    fn count_call(&self) -> u32 {
+        let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.trap_at == Some(n) {
+            panic!("misbehave: trapping at call {n} on purpose");
+        }
+        n
     }
 }
 
