@@ -213,7 +213,6 @@ fn report_failures(what: &str, outcome: &Outcome) {
 }
 
 /// The same request with `"stream": true`.
-/// The same request, asking for a stream.
 pub fn streaming(target: &Target) -> Target {
     let mut body: serde_json::Value = serde_json::from_slice(&target.body).unwrap_or_default();
     body["stream"] = serde_json::Value::Bool(true);

@@ -10,8 +10,7 @@ use crate::extension::{
     BoxFuture, CallHook, Candidate, Enricher, Enrichment, Guardrail, ResponseVerdict, RouteRequest,
     RoutingStrategy, StreamCheck, StreamDelta, StreamVerdict, Verdict, MAX_HELD_BYTES,
 };
-use crate::openai::ApiRequest;
-use crate::openai::ResponseView;
+use crate::openai::{ApiRequest, ResponseView};
 
 fn scope(call: &Call, request: &ApiRequest) -> CallScope {
     let principal = call.principal.as_deref();

@@ -232,14 +232,14 @@ impl RelayedObject {
         if let Some(object) = &self.object {
             return Ok(ResponseView::of(object));
         }
+        // A usage cut out for the client is not part of the answer.
         let usage = self
             .fields
-            .dropped
-            .is_none()
-            .then_some(self.fields.parsed_usage);
+            .parsed_usage
+            .filter(|_| self.fields.dropped.is_none());
         let peeked = std::str::from_utf8(&self.sent)
             .ok()
-            .and_then(|text| ResponseView::peek(text, usage.flatten()));
+            .and_then(|text| ResponseView::peek(text, usage));
         match peeked {
             Some(view) => Ok(view),
             None => Ok(ResponseView::of(&self.parse_sent()?)),
