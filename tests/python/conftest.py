@@ -36,7 +36,9 @@ INPUT_COST = 0.000001
 OUTPUT_COST = 0.000002
 # The `flaky` deployment's own timeout: short, so the 504 test stays fast.
 FLAKY_TIMEOUT_S = 1.0
-READY_TIMEOUT_S = 15.0
+# Generous: a shared CI machine can stall for seconds. Each of the two waits (for the
+# "listening" line, then for readiness) gets this long.
+READY_TIMEOUT_S = 30.0
 
 
 # --------------------------------------------------------------------------- fake upstream
@@ -405,10 +407,15 @@ def start_gateway(config: dict, workdir: Path) -> Gateway:
     gw = Gateway(url="", process=process, stderr_path=stderr_path, config=config, workdir=workdir)
 
     def give_up(why: str) -> None:
+        threads = thread_states(process.pid)
         if process.poll() is None:
             process.kill()
             process.wait()
-        pytest.fail(f"gateway did not become ready: {why}\n--- gateway stderr ---\n{gw.stderr()}", pytrace=False)
+        pytest.fail(
+            f"gateway did not become ready: {why}\n--- gateway threads ---\n{threads}"
+            f"\n--- gateway stderr ---\n{gw.stderr()}",
+            pytrace=False,
+        )
 
     deadline = time.monotonic() + READY_TIMEOUT_S
     while not gw.url:
@@ -421,19 +428,40 @@ def start_gateway(config: dict, workdir: Path) -> Gateway:
             give_up(f"no 'listening' line within {READY_TIMEOUT_S:.0f}s")
         else:
             time.sleep(0.05)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    probes, last = 0, "no answer yet"
     while True:
+        probes += 1
         try:
             r = httpx.get(f"{gw.url}/health/readiness", timeout=1)
             if r.status_code == 200 and r.json() == {"status": "ready"}:
                 break
-        except httpx.HTTPError:
-            pass
+            last = f"{r.status_code} {r.text[:200]}"
+        except httpx.HTTPError as e:
+            last = f"{type(e).__name__}: {e}"
         if process.poll() is not None:
             give_up(f"it exited with status {process.returncode}")
         if time.monotonic() > deadline:
-            give_up(f"/health/readiness not 200 within {READY_TIMEOUT_S:.0f}s")
+            give_up(
+                f"/health/readiness not 200 within {READY_TIMEOUT_S:.0f}s of listening "
+                f"({probes} probes; the last: {last})"
+            )
         time.sleep(0.05)
     return gw
+
+
+def thread_states(pid: int) -> str:
+    """Each thread's name, state and kernel wait channel, to tell a hang from a stall."""
+    lines = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        try:
+            name = (task / "comm").read_text().strip()
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            wchan = (task / "wchan").read_text().strip() or "-"
+        except OSError:
+            continue
+        lines.append(f"{task.name} {name} {state} {wchan}")
+    return "\n".join(lines) or "(none readable)"
 
 
 def finish_gateway(gw: Gateway) -> None:
