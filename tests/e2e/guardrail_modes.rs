@@ -112,22 +112,28 @@ async fn post_call_in_block_mode_refuses_a_response_with_personal_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_has_an_address_split_across_chunks_masked() {
-    let (upstream, gateway) = pii_gateway("mode: post_call").await;
-    upstream.push_fault(stream_of(&[
-        "Write to jane.d",
-        "oe@exam",
-        "ple.com",
-        " or call.",
-    ]));
-    let response =
-        client::stream_sse(&url(&gateway), MASTER, &chat_stream("gpt", "contact?")).await;
-    assert_eq!(response.status, 200);
-    assert!(response.done(), "{}", response.raw);
-    assert_eq!(response.content(), "Write to [EMAIL] or call.");
-    assert!(!response.raw.contains("jane"), "{}", response.raw);
-    // Every chunk still names the model the client asked for.
-    for event in response.json_events() {
-        assert_eq!(event["model"], "gpt", "{event}");
+    // The gateway keeps the held text, so a call of its own per delta masks as well.
+    for plugin in [
+        "mode: post_call",
+        "mode: post_call, instance: pooled, stream_instance: per_delta",
+    ] {
+        let (upstream, gateway) = pii_gateway(plugin).await;
+        upstream.push_fault(stream_of(&[
+            "Write to jane.d",
+            "oe@exam",
+            "ple.com",
+            " or call.",
+        ]));
+        let response =
+            client::stream_sse(&url(&gateway), MASTER, &chat_stream("gpt", "contact?")).await;
+        assert_eq!(response.status, 200, "{plugin}");
+        assert!(response.done(), "{plugin}: {}", response.raw);
+        assert_eq!(response.content(), "Write to [EMAIL] or call.", "{plugin}");
+        assert!(!response.raw.contains("jane"), "{plugin}: {}", response.raw);
+        // Every chunk still names the model the client asked for.
+        for event in response.json_events() {
+            assert_eq!(event["model"], "gpt", "{plugin}: {event}");
+        }
     }
 }
 

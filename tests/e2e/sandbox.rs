@@ -356,6 +356,29 @@ async fn a_pooled_instance_that_saw_a_stream_to_its_end_serves_the_next() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_stream_instance_per_delta_each_delta_is_a_call_of_its_own() {
+    // An instance replaced after each call: one seeing the whole stream counts every delta.
+    let stream_guard =
+        "instance: pooled, recycle_after: 1, mode: post_call, config: { check: count }";
+    let per_stream = Gateway::start(&config(stream_guard, "")).await;
+    let whole = stream_marks(&per_stream, 1).await;
+    assert_ne!(whole, ["call 1"], "the echo streams several deltas");
+
+    let per_delta = Gateway::start(&config(
+        &format!("stream_instance: per_delta, {stream_guard}"),
+        "",
+    ))
+    .await;
+    assert_eq!(stream_marks(&per_delta, 2).await, ["call 1", "call 1"]);
+    let fresh = Gateway::start(&config(
+        "stream_instance: per_delta, mode: post_call, config: { check: count }",
+        "",
+    ))
+    .await;
+    assert_eq!(stream_marks(&fresh, 1).await, ["call 1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_instance_that_traps_is_replaced() {
     let gateway = Gateway::start(&config(
         "instance: pooled, config: { check: count, trap_at: 2 }",

@@ -165,10 +165,15 @@ pub fn config_text(
         enable("name: least-latency, path: least_latency.wasm".into());
     }
     if set.count() >= 5 {
-        enable(
-            "name: pii-mask-stream, path: pii_mask.wasm, mode: post_call, default_on: true, config: { action: mask }"
-                .into(),
-        );
+        // pii-mask keeps nothing between deltas: pooled, its streams share the warm instances.
+        let per_delta = if instance == "pooled" {
+            ", stream_instance: per_delta"
+        } else {
+            ""
+        };
+        enable(format!(
+            "name: pii-mask-stream, path: pii_mask.wasm, mode: post_call, default_on: true, config: {{ action: mask }}{per_delta}"
+        ));
         enable(format!(
             "name: audit, path: audit_log.wasm, capabilities: {{ dirs: [{{ host: \"{}\", guest: /audit, write: true }}] }}",
             audit.display()

@@ -246,6 +246,10 @@ pub struct PluginConfig {
     /// whole stream counts as one). Any failure replaces it at once.
     #[serde(default = "default_recycle_after")]
     pub recycle_after: u32,
+    /// For `post_call` guardrails on streams: one instance for the whole stream, or a call of its
+    /// own for each delta.
+    #[serde(default)]
+    pub stream_instance: StreamInstance,
     #[serde(default)]
     pub capabilities: Capabilities,
     /// Handed to the plugin's `init` as JSON.
@@ -272,6 +276,19 @@ pub enum InstanceMode {
     #[default]
     Fresh,
     Pooled,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamInstance {
+    /// One instance sees the stream from its first delta to its last, in order, as the contract
+    /// promises a guardrail that keeps what it saw.
+    #[default]
+    PerStream,
+    /// Each delta is a call of its own, on whatever instance `instance` gives a call. For a
+    /// guardrail that keeps nothing between deltas (the gateway hands back held and released
+    /// text): open streams then hold no instance at all.
+    PerDelta,
 }
 
 fn default_recycle_after() -> u32 {
@@ -795,6 +812,32 @@ mod tests {
         assert_eq!(
             err,
             "models[0].api_key: environment variable UNSET is not set"
+        );
+    }
+
+    #[test]
+    fn a_stream_guardrail_checks_with_one_instance_a_stream_unless_told_per_delta() {
+        let plugin = |line: &str| {
+            parse(&format!(
+                "{MINIMAL}plugins:\n  enabled:\n    - {{ name: p, path: p.wasm{line} }}\n"
+            ))
+        };
+        let default = plugin("").expect("valid");
+        assert_eq!(
+            default.plugins.enabled[0].stream_instance,
+            StreamInstance::PerStream
+        );
+        let per_delta = plugin(", stream_instance: per_delta").expect("valid");
+        assert_eq!(
+            per_delta.plugins.enabled[0].stream_instance,
+            StreamInstance::PerDelta
+        );
+        let err = plugin(", stream_instance: shared")
+            .expect_err("no such value")
+            .to_string();
+        assert!(
+            err.starts_with("plugins.enabled[0].stream_instance: unknown variant `shared`"),
+            "{err}"
         );
     }
 

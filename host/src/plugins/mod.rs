@@ -37,7 +37,9 @@ pub use store::{CallScope, RequestFacts};
 use store::{Sandbox, StoreState};
 
 use crate::call::CallRecord;
-use crate::config::{Config as GatewayConfig, InstanceMode, PluginConfig, MAX_PLUGIN_MEMORY_MB};
+use crate::config::{
+    Config as GatewayConfig, InstanceMode, PluginConfig, StreamInstance, MAX_PLUGIN_MEMORY_MB,
+};
 use crate::digest::hex;
 use crate::extension::{Candidate, Enrichment, RouteRequest, StreamDelta, StreamVerdict};
 use crate::openai::ResponseView;
@@ -263,6 +265,7 @@ impl PluginRuntime {
                 idle: Mutex::new(Vec::new()),
                 recycle_after: config.recycle_after,
             }),
+            stream_instance: config.stream_instance,
             content_hash: hex(&hash),
             failures: AtomicU64::new(0),
             call_times: timing::CallTimes::default(),
@@ -505,6 +508,7 @@ pub struct LoadedPlugin {
     timeout: Duration,
     /// Warm instances, for `instance: pooled`.
     pool: Option<Pool>,
+    stream_instance: StreamInstance,
     /// SHA-256 of the `.wasm` file.
     pub content_hash: String,
     failures: AtomicU64,
@@ -733,6 +737,7 @@ impl LoadedPlugin {
     ) -> Result<T, PluginFailure> {
         self.metered(async |budget| self.on_instance(scope, budget, call).await)
             .await
+            .map(|(value, _scope)| value)
     }
 
     /// Runs one hook call's guest work under a fresh budget, and records the time it spent
@@ -747,12 +752,13 @@ impl LoadedPlugin {
         result
     }
 
+    /// Also gives `scope` back, for a caller that makes several calls about one request.
     async fn on_instance<T>(
         &self,
         scope: CallScope,
         budget: &mut Budget,
         call: impl AsyncFnOnce(&mut Store<StoreState>, &Instance, &mut Guests) -> wasmtime::Result<T>,
-    ) -> Result<T, PluginFailure> {
+    ) -> Result<(T, CallScope), PluginFailure> {
         let mut live = self.warm_or_fresh(scope, budget).await?;
         let value = self
             .within(
@@ -760,10 +766,11 @@ impl LoadedPlugin {
                 call(&mut live.store, &live.instance, &mut live.guests),
             )
             .await?;
+        let scope = std::mem::take(&mut live.store.data_mut().scope);
         if let Some(pool) = &self.pool {
             pool.give_back(live);
         }
-        Ok(value)
+        Ok((value, scope))
     }
 
     /// An idle pooled instance set up for `scope`, or a fresh one.
@@ -961,6 +968,9 @@ impl StreamSession {
         if !plugin.is_guardrail() {
             return Ok(StreamVerdict::Release(delta.text.to_owned()));
         }
+        if plugin.stream_instance == StreamInstance::PerDelta {
+            return self.check_alone(delta).await;
+        }
         let (live, scope) = (&mut self.live, &mut self.scope);
         plugin
             .metered(async |budget| {
@@ -990,6 +1000,29 @@ impl StreamSession {
             })
             .await
             .inspect(|verdict| self.progress.saw(delta, verdict))
+    }
+
+    /// `stream_instance: per_delta`: the delta is a call like any other, and the stream keeps no
+    /// instance between deltas.
+    async fn check_alone(
+        &mut self,
+        delta: &StreamDelta<'_>,
+    ) -> Result<StreamVerdict, PluginFailure> {
+        let plugin = &self.plugin;
+        let scope = self.scope.take().unwrap_or_default();
+        let (verdict, scope) = plugin
+            .metered(async |budget| {
+                plugin
+                    .on_instance(scope, budget, async |store, instance, guests| {
+                        by_version!(&plugin.exports, guests, |version, exports, guests| {
+                            version::check_stream(exports, guests, store, instance, delta).await
+                        })
+                    })
+                    .await
+            })
+            .await?;
+        self.scope = Some(scope);
+        Ok(verdict)
     }
 }
 
