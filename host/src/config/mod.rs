@@ -243,7 +243,8 @@ pub struct PluginConfig {
     #[serde(default)]
     pub instance: InstanceMode,
     /// With `instance: pooled`: how many calls one instance serves before it is replaced (a
-    /// whole stream counts as one). Any failure replaces it at once.
+    /// whole stream counts as one, or each delta with `stream_instance: per_delta`). Any failure
+    /// replaces it at once.
     #[serde(default = "default_recycle_after")]
     pub recycle_after: u32,
     /// For `post_call` guardrails on streams: one instance for the whole stream, or a call of its
