@@ -77,7 +77,8 @@ impl PluginSet {
 /// Writes `DIR/<name>.yaml` for `set` and returns its path. `plugins` is the directory the
 /// plugin files are in; the audit hook writes into `DIR/audit`. Each config gets an empty spend
 /// database of its own: appending to one that earlier runs filled costs more per row, and counts
-/// would depend on what ran before.
+/// would depend on what ran before. The audit log starts empty too: kept, it grew by hundreds of
+/// megabytes a run, all of it written back to disk while later variants ran.
 pub fn write_config(
     dir: &Path,
     name: &str,
@@ -86,6 +87,9 @@ pub fn write_config(
     plugins: &Path,
 ) -> std::io::Result<PathBuf> {
     let audit = dir.join("audit");
+    if audit.exists() {
+        std::fs::remove_dir_all(&audit)?;
+    }
     std::fs::create_dir_all(&audit)?;
     let database = dir.join(format!("{name}.db"));
     for suffix in ["", "-wal", "-shm"] {
