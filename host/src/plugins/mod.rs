@@ -875,6 +875,19 @@ impl LoadedPlugin {
         .await
     }
 
+    /// One `check-stream` call on an instance the caller holds.
+    async fn check_stream_on(
+        &self,
+        store: &mut Store<StoreState>,
+        instance: &Instance,
+        guests: &mut Guests,
+        delta: &StreamDelta<'_>,
+    ) -> wasmtime::Result<StreamVerdict> {
+        by_version!(&self.exports, guests, |version, exports, guests| {
+            version::check_stream(exports, guests, store, instance, delta).await
+        })
+    }
+
     async fn on_call_end(
         &self,
         scope: CallScope,
@@ -988,11 +1001,7 @@ impl StreamSession {
                     ..
                 } = &mut current;
                 begin_call(store);
-                let call = async {
-                    by_version!(&plugin.exports, guests, |version, exports, guests| {
-                        version::check_stream(exports, guests, store, instance, delta).await
-                    })
-                };
+                let call = plugin.check_stream_on(store, instance, guests, delta);
                 // A failed instance is dropped, never used again.
                 let verdict = plugin.within(budget, call).await?;
                 *live = Some(current);
@@ -1014,9 +1023,7 @@ impl StreamSession {
             .metered(async |budget| {
                 plugin
                     .on_instance(scope, budget, async |store, instance, guests| {
-                        by_version!(&plugin.exports, guests, |version, exports, guests| {
-                            version::check_stream(exports, guests, store, instance, delta).await
-                        })
+                        plugin.check_stream_on(store, instance, guests, delta).await
                     })
                     .await
             })
