@@ -64,7 +64,8 @@ enum Command {
     /// for `callgrind_annotate`.
     Instructions {
         /// Servers to count: floor, portcullis, noop-pooled, noop-fresh, plugins-1, plugins-3,
-        /// plugins-5, plugins-5-fresh (all when none are named).
+        /// plugins-5, plugins-5-fresh, or one of the five plugins alone: pii-mask, team-defaults,
+        /// least-latency, pii-mask-stream, audit (all when none are named).
         servers: Vec<String>,
         #[arg(long, default_value_t = 2000)]
         requests: u64,

@@ -26,6 +26,71 @@ pub enum PluginSet {
     /// One guardrail that allows everything: the host's own cost of a plugin call.
     NoopFresh,
     NoopPooled,
+    /// One of the five, enabled as the five enable it: its own cost.
+    Alone(Shipped),
+}
+
+/// The entries of the five-plugin set, in its order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shipped {
+    PiiMask,
+    TeamDefaults,
+    LeastLatency,
+    PiiMaskStream,
+    Audit,
+}
+
+impl Shipped {
+    pub const ALL: [Shipped; 5] = [
+        Shipped::PiiMask,
+        Shipped::TeamDefaults,
+        Shipped::LeastLatency,
+        Shipped::PiiMaskStream,
+        Shipped::Audit,
+    ];
+
+    /// The entry's name in the config (and in the gateway's per-plugin timings).
+    pub fn name(self) -> &'static str {
+        match self {
+            Shipped::PiiMask => "pii-mask",
+            Shipped::TeamDefaults => "team-defaults",
+            Shipped::LeastLatency => "least-latency",
+            Shipped::PiiMaskStream => "pii-mask-stream",
+            Shipped::Audit => "audit",
+        }
+    }
+
+    fn file(self) -> &'static str {
+        match self {
+            Shipped::PiiMask | Shipped::PiiMaskStream => "pii_mask.wasm",
+            Shipped::TeamDefaults => "team_defaults.wasm",
+            Shipped::LeastLatency => "least_latency.wasm",
+            Shipped::Audit => "audit_log.wasm",
+        }
+    }
+
+    /// The entry's YAML fields, but for `instance`.
+    fn entry(self, instance: &str, audit: &Path) -> String {
+        match self {
+            Shipped::PiiMask => "name: pii-mask, path: pii_mask.wasm, mode: pre_call, default_on: true, config: { action: mask }".into(),
+            Shipped::TeamDefaults => "name: team-defaults, path: team_defaults.wasm, config: { teams: { bench: { tags: [bench] } } }".into(),
+            Shipped::LeastLatency => "name: least-latency, path: least_latency.wasm".into(),
+            Shipped::PiiMaskStream => {
+                // pii-mask keeps nothing between deltas: pooled, its streams share the warm
+                // instances.
+                let per_delta = if instance == "pooled" {
+                    ", stream_instance: per_delta"
+                } else {
+                    ""
+                };
+                format!("name: pii-mask-stream, path: pii_mask.wasm, mode: post_call, default_on: true, config: {{ action: mask }}{per_delta}")
+            }
+            Shipped::Audit => format!(
+                "name: audit, path: audit_log.wasm, capabilities: {{ dirs: [{{ host: \"{}\", guest: /audit, write: true }}] }}",
+                audit.display()
+            ),
+        }
+    }
 }
 
 impl PluginSet {
@@ -38,22 +103,32 @@ impl PluginSet {
             PluginSet::FiveFresh => "portcullis +5 plugins (fresh)",
             PluginSet::NoopFresh => "portcullis +no-op (fresh)",
             PluginSet::NoopPooled => "portcullis +no-op (pooled)",
+            PluginSet::Alone(Shipped::PiiMask) => "portcullis +pii-mask",
+            PluginSet::Alone(Shipped::TeamDefaults) => "portcullis +team-defaults",
+            PluginSet::Alone(Shipped::LeastLatency) => "portcullis +least-latency",
+            PluginSet::Alone(Shipped::PiiMaskStream) => "portcullis +pii-mask-stream",
+            PluginSet::Alone(Shipped::Audit) => "portcullis +audit",
         }
     }
 
     /// The wasm files this set needs, relative to the plugin directory.
-    pub fn files(self) -> &'static [&'static str] {
+    pub fn files(self) -> Vec<&'static str> {
+        if matches!(self, PluginSet::NoopFresh | PluginSet::NoopPooled) {
+            return vec!["misbehave.wasm"];
+        }
+        let mut files: Vec<_> = self.members().into_iter().map(Shipped::file).collect();
+        files.dedup();
+        files
+    }
+
+    /// The shipped plugins it enables, in order (none for the no-op sets).
+    fn members(self) -> Vec<Shipped> {
         match self {
-            PluginSet::None => &[],
-            PluginSet::One => &["pii_mask.wasm"],
-            PluginSet::Three => &["pii_mask.wasm", "team_defaults.wasm", "least_latency.wasm"],
-            PluginSet::Five | PluginSet::FiveFresh => &[
-                "pii_mask.wasm",
-                "team_defaults.wasm",
-                "least_latency.wasm",
-                "audit_log.wasm",
-            ],
-            PluginSet::NoopFresh | PluginSet::NoopPooled => &["misbehave.wasm"],
+            PluginSet::None | PluginSet::NoopFresh | PluginSet::NoopPooled => Vec::new(),
+            PluginSet::One => Shipped::ALL[..1].to_vec(),
+            PluginSet::Three => Shipped::ALL[..3].to_vec(),
+            PluginSet::Five | PluginSet::FiveFresh => Shipped::ALL.to_vec(),
+            PluginSet::Alone(plugin) => vec![plugin],
         }
     }
 
@@ -61,15 +136,6 @@ impl PluginSet {
         match self {
             PluginSet::FiveFresh | PluginSet::NoopFresh => "fresh",
             _ => "pooled",
-        }
-    }
-
-    fn count(self) -> usize {
-        match self {
-            PluginSet::None => 0,
-            PluginSet::One | PluginSet::NoopFresh | PluginSet::NoopPooled => 1,
-            PluginSet::Three => 3,
-            PluginSet::Five | PluginSet::FiveFresh => 5,
         }
     }
 }
@@ -85,6 +151,7 @@ pub fn write_config(
     set: PluginSet,
     upstream: &str,
     plugins: &Path,
+    plugin_timeout_ms: Option<u64>,
 ) -> std::io::Result<PathBuf> {
     let audit = dir.join("audit");
     if audit.exists() {
@@ -98,7 +165,7 @@ pub fn write_config(
             std::fs::remove_file(file)?;
         }
     }
-    let mut text = config_text(set, upstream, plugins, &audit, 600);
+    let mut text = config_text(set, upstream, plugins, &audit, 600, plugin_timeout_ms);
     let _ = writeln!(
         text,
         "store:\n  database_url: \"sqlite://{}\"",
@@ -111,12 +178,14 @@ pub fn write_config(
 
 /// The YAML for `set`. Two deployments of the one mock, so a routing strategy has a choice to
 /// make; `timeout_s` lets the reload scenario change the file without changing behaviour.
+/// `plugin_timeout_ms` replaces the plugins' default time limit.
 pub fn config_text(
     set: PluginSet,
     upstream: &str,
     plugins: &Path,
     audit: &Path,
     timeout_s: u32,
+    plugin_timeout_ms: Option<u64>,
 ) -> String {
     let mut yaml = format!(
         "server:\n  listen: 127.0.0.1:0\n\
@@ -130,7 +199,8 @@ pub fn config_text(
              input_cost_per_token: 0.00000015, output_cost_per_token: 0.0000006 }}"
         );
     }
-    let strategy = if set.count() >= 3 {
+    let members = set.members();
+    let strategy = if members.contains(&Shipped::LeastLatency) {
         "least-latency"
     } else {
         "simple-shuffle"
@@ -139,7 +209,8 @@ pub fn config_text(
         yaml,
         "router: {{ strategy: {strategy}, timeout_s: {timeout_s} }}"
     );
-    if set.count() == 0 {
+    let noop = matches!(set, PluginSet::NoopFresh | PluginSet::NoopPooled);
+    if members.is_empty() && !noop {
         return yaml;
     }
     let instance = set.instance();
@@ -148,40 +219,56 @@ pub fn config_text(
         "plugins:\n  dir: \"{}\"\n  enabled:\n",
         plugins.display()
     );
+    let limits = plugin_timeout_ms.map_or(String::new(), |ms| {
+        format!(", limits: {{ timeout_ms: {ms} }}")
+    });
     let mut enable = |entry: String| {
-        let _ = writeln!(yaml, "    - {{ {entry}, instance: {instance} }}");
+        let _ = writeln!(yaml, "    - {{ {entry}, instance: {instance}{limits} }}");
     };
-    if matches!(set, PluginSet::NoopFresh | PluginSet::NoopPooled) {
+    if noop {
         enable(
             "name: noop, path: misbehave.wasm, default_on: true, config: { check: allow }".into(),
         );
-        return yaml;
     }
-    enable(
-        "name: pii-mask, path: pii_mask.wasm, mode: pre_call, default_on: true, config: { action: mask }"
-            .into(),
-    );
-    if set.count() >= 3 {
-        enable(
-            "name: team-defaults, path: team_defaults.wasm, config: { teams: { bench: { tags: [bench] } } }"
-                .into(),
-        );
-        enable("name: least-latency, path: least_latency.wasm".into());
-    }
-    if set.count() >= 5 {
-        // pii-mask keeps nothing between deltas: pooled, its streams share the warm instances.
-        let per_delta = if instance == "pooled" {
-            ", stream_instance: per_delta"
-        } else {
-            ""
-        };
-        enable(format!(
-            "name: pii-mask-stream, path: pii_mask.wasm, mode: post_call, default_on: true, config: {{ action: mask }}{per_delta}"
-        ));
-        enable(format!(
-            "name: audit, path: audit_log.wasm, capabilities: {{ dirs: [{{ host: \"{}\", guest: /audit, write: true }}] }}",
-            audit.display()
-        ));
+    for member in &members {
+        enable(member.entry(instance, audit));
     }
     yaml
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(set: PluginSet) -> String {
+        config_text(
+            set,
+            "http://mock/v1",
+            Path::new("/p"),
+            Path::new("/a"),
+            600,
+            None,
+        )
+    }
+
+    fn plugin_entries(yaml: &str) -> Vec<&str> {
+        yaml.lines()
+            .filter(|line| line.contains(" path: "))
+            .collect()
+    }
+
+    #[test]
+    fn a_plugin_alone_is_enabled_as_the_five_plugin_set_enables_it() {
+        let five = config(PluginSet::Five);
+        assert_eq!(plugin_entries(&five).len(), 5);
+        for plugin in Shipped::ALL {
+            let alone = config(PluginSet::Alone(plugin));
+            let entries = plugin_entries(&alone);
+            assert_eq!(entries.len(), 1, "{alone}");
+            assert!(five.contains(entries[0]), "{} differs", plugin.name());
+            let routed_by_plugin = alone.contains("strategy: least-latency");
+            assert_eq!(routed_by_plugin, plugin == Shipped::LeastLatency);
+        }
+        assert!(plugin_entries(&config(PluginSet::None)).is_empty());
+    }
 }

@@ -22,7 +22,7 @@ use http::{header, HeaderName, HeaderValue};
 
 use crate::load::{self, Target};
 use crate::mock::{self, Mock};
-pub use gateway::PluginSet;
+pub use gateway::{PluginSet, Shipped};
 use process::{Pinning, Server};
 pub use scenarios::micros;
 use scenarios::Metrics;
@@ -379,7 +379,7 @@ fn start_portcullis(
 ) -> anyhow::Result<Server> {
     let path = match config {
         Some(path) => path.to_owned(),
-        None => write_config(options, mock, set, label)?,
+        None => write_config(options, mock, set, label, None)?,
     };
     start_gateway(pinning.command(&options.gateway), &path)
 }
@@ -390,6 +390,7 @@ fn write_config(
     mock: &Mock,
     set: PluginSet,
     label: &str,
+    plugin_timeout_ms: Option<u64>,
 ) -> std::io::Result<std::path::PathBuf> {
     let name = label.replace(|c: char| !c.is_ascii_alphanumeric(), "-");
     gateway::write_config(
@@ -398,6 +399,7 @@ fn write_config(
         set,
         &mock.base_url(),
         &options.plugins,
+        plugin_timeout_ms,
     )
 }
 

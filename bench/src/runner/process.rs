@@ -95,14 +95,19 @@ impl Server {
             .with_context(|| format!("cannot start {command:?}"))?;
         let stderr = child.stderr.take().context("no stderr")?;
         let mut lines = BufReader::new(stderr).lines();
-        let mut last = String::new();
+        // Several lines: under callgrind the last ones are its summary, not the server's error.
+        let mut last = std::collections::VecDeque::new();
         let address = loop {
             let Some(line) = lines.next() else {
                 let _ = child.wait();
-                bail!("exited before listening: {}", last.trim());
+                let last: Vec<_> = last.into_iter().collect();
+                bail!("exited before listening:\n{}", last.join("\n"));
             };
             let line = line.unwrap_or_default();
-            last = line.clone();
+            if last.len() == 12 {
+                last.pop_front();
+            }
+            last.push_back(line.clone());
             if let Some(rest) = line.split(prefix).nth(1) {
                 let address = rest.trim().trim_start_matches("http://");
                 break address

@@ -72,6 +72,7 @@ impl Files {
             &self.plugin_dir,
             &self.audit,
             timeout_s,
+            None,
         )
         .replace("path: pii_mask.wasm", "path: guard.wasm")
         .replace(", config: { action: mask }", "");

@@ -451,8 +451,11 @@ impl Report<'_> {
         if let Some(plugins) = calls.as_array() {
             let _ = writeln!(
                 md,
-                "\nEach plugin's calls as the gateway timed them (microseconds, instantiation included; \
-                 five plugins, pooled, over the last repeat):\n\n| plugin | kinds | calls | p50 | p90 | p99 | max |\n|---|---|---|---|---|---|---|"
+                "\nEach shipped plugin's cost. *Instructions*: per request over Portcullis without \
+                 plugins, with the plugin enabled alone as the five-plugin set enables it (counted \
+                 on whole answers, which pii-mask-stream checks in one call). The rest: its calls as \
+                 the gateway timed them (microseconds, instantiation included; five plugins, \
+                 pooled, over the last repeat).\n\n| plugin | kinds | instructions | calls | p50 | p90 | p99 | max |\n|---|---|---|---|---|---|---|---|"
             );
             for plugin in plugins {
                 let calls = &plugin["calls"];
@@ -460,11 +463,20 @@ impl Report<'_> {
                     .as_array()
                     .map(|k| k.iter().filter_map(Value::as_str).collect())
                     .unwrap_or_default();
+                let name = plugin["name"].as_str().unwrap_or("?");
+                let alone = super::Shipped::ALL
+                    .into_iter()
+                    .find(|shipped| shipped.name() == name)
+                    .and_then(|shipped| {
+                        self.instructions(super::PluginSet::Alone(shipped).label())
+                    });
+                let cost = alone.zip(base).map(|(n, b)| n - b);
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {} | {} | {} | {} |",
-                    plugin["name"].as_str().unwrap_or("?"),
+                    "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                    name,
                     kinds.join(", "),
+                    cost.map_or("–".into(), |c| format!("{:.0}", c)),
                     calls["count"],
                     calls["p50_us"],
                     calls["p90_us"],
