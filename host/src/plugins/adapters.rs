@@ -16,7 +16,7 @@ fn scope(call: &Call, request: &ApiRequest) -> CallScope {
     let principal = call.principal.as_deref();
     CallScope {
         call_id: Some(call.id.clone()),
-        request: Some(RequestFacts {
+        request: Some(Box::new(RequestFacts {
             endpoint: call.endpoint,
             model: call.model.clone(),
             stream: request.stream,
@@ -27,7 +27,7 @@ fn scope(call: &Call, request: &ApiRequest) -> CallScope {
             tags: call.tags.clone(),
             body: request.body.clone(),
             derived: request.derived(),
-        }),
+        })),
     }
 }
 

@@ -580,22 +580,26 @@ impl Budget {
 
 /// The idle warm instances of a pooled plugin.
 struct Pool {
-    idle: Mutex<Vec<Live>>,
+    // Boxed: a call moves its instance out of the pool, through its futures and back; a box
+    // moves as one pointer, a `Live` (with its export handles) as a copy each time.
+    #[expect(clippy::vec_box, reason = "the boxes leave the Vec, see above")]
+    idle: Mutex<Vec<Box<Live>>>,
     recycle_after: u32,
 }
 
 impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Live>> {
+    #[expect(clippy::vec_box, reason = "the boxes leave the Vec")]
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Box<Live>>> {
         // A Vec of whole instances stays consistent even if a holder panicked.
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn take(&self) -> Option<Live> {
+    fn take(&self) -> Option<Box<Live>> {
         self.lock().pop()
     }
 
     /// Keeps `live` for another call unless it has served its share.
-    fn give_back(&self, mut live: Live) {
+    fn give_back(&self, mut live: Box<Live>) {
         live.uses += 1;
         // The next call must not see this one's request through the host imports.
         live.store.data_mut().scope = CallScope::default();
@@ -645,7 +649,7 @@ impl LoadedPlugin {
         &self,
         scope: CallScope,
         budget: &mut Budget,
-    ) -> Result<Live, PluginFailure> {
+    ) -> Result<Box<Live>, PluginFailure> {
         let state = StoreState::new(Arc::clone(&self.name), &self.sandbox, scope)
             .map_err(|reason| self.trap(reason))?;
         let mut store = Store::new(&self.engine, state);
@@ -680,12 +684,12 @@ impl LoadedPlugin {
         };
         match self.within(budget, run).await? {
             Err(reason) => Err(self.trap(format!("init rejected the config: {reason}"))),
-            Ok(instance) => Ok(Live {
+            Ok(instance) => Ok(Box::new(Live {
                 store,
                 instance,
                 uses: 0,
                 guests: self.exports.new_guests(),
-            }),
+            })),
         }
     }
 
@@ -778,7 +782,7 @@ impl LoadedPlugin {
         &self,
         scope: CallScope,
         budget: &mut Budget,
-    ) -> Result<Live, PluginFailure> {
+    ) -> Result<Box<Live>, PluginFailure> {
         match self.pool.as_ref().and_then(Pool::take) {
             Some(mut live) => {
                 live.store.data_mut().scope = scope;
@@ -913,7 +917,7 @@ impl LoadedPlugin {
 pub struct StreamSession {
     plugin: Arc<LoadedPlugin>,
     scope: Option<CallScope>,
-    live: Option<Live>,
+    live: Option<Box<Live>>,
     progress: StreamProgress,
 }
 
@@ -999,7 +1003,7 @@ impl StreamSession {
                     instance,
                     guests,
                     ..
-                } = &mut current;
+                } = &mut *current;
                 begin_call(store);
                 let call = plugin.check_stream_on(store, instance, guests, delta);
                 // A failed instance is dropped, never used again.

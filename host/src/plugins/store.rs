@@ -33,8 +33,9 @@ pub struct Sandbox {
 #[derive(Debug, Clone, Default)]
 pub struct CallScope {
     pub call_id: Option<String>,
-    /// The request a guardrail or enricher serves; `None` for routers and hooks.
-    pub request: Option<RequestFacts>,
+    /// The request a guardrail or enricher serves; `None` for routers and hooks. Boxed, as a
+    /// scope moves through several futures on its way into the store.
+    pub request: Option<Box<RequestFacts>>,
 }
 
 /// The fields of a request as a plugin may read them, copied when its call starts. Only what is

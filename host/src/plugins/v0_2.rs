@@ -44,7 +44,7 @@ impl StoreState {
     fn facts(&self) -> wasmtime::Result<&RequestFacts> {
         self.scope
             .request
-            .as_ref()
+            .as_deref()
             .ok_or_else(|| wasmtime::format_err!("the request is no longer available"))
     }
 }
