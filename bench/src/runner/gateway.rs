@@ -71,10 +71,10 @@ impl Shipped {
 
     /// The entry's YAML fields, but for `instance`.
     fn entry(self, instance: &str, audit: &Path) -> String {
-        match self {
-            Shipped::PiiMask => "name: pii-mask, path: pii_mask.wasm, mode: pre_call, default_on: true, config: { action: mask }".into(),
-            Shipped::TeamDefaults => "name: team-defaults, path: team_defaults.wasm, config: { teams: { bench: { tags: [bench] } } }".into(),
-            Shipped::LeastLatency => "name: least-latency, path: least_latency.wasm".into(),
+        let rest = match self {
+            Shipped::PiiMask => "mode: pre_call, default_on: true, config: { action: mask }".into(),
+            Shipped::TeamDefaults => "config: { teams: { bench: { tags: [bench] } } }".into(),
+            Shipped::LeastLatency => String::new(),
             Shipped::PiiMaskStream => {
                 // pii-mask keeps nothing between deltas: pooled, its streams share the warm
                 // instances.
@@ -83,13 +83,19 @@ impl Shipped {
                 } else {
                     ""
                 };
-                format!("name: pii-mask-stream, path: pii_mask.wasm, mode: post_call, default_on: true, config: {{ action: mask }}{per_delta}")
+                format!("mode: post_call, default_on: true, config: {{ action: mask }}{per_delta}")
             }
             Shipped::Audit => format!(
-                "name: audit, path: audit_log.wasm, capabilities: {{ dirs: [{{ host: \"{}\", guest: /audit, write: true }}] }}",
+                "capabilities: {{ dirs: [{{ host: \"{}\", guest: /audit, write: true }}] }}",
                 audit.display()
             ),
-        }
+        };
+        let separator = if rest.is_empty() { "" } else { ", " };
+        format!(
+            "name: {}, path: {}{separator}{rest}",
+            self.name(),
+            self.file()
+        )
     }
 }
 
@@ -117,6 +123,8 @@ impl PluginSet {
             return vec!["misbehave.wasm"];
         }
         let mut files: Vec<_> = self.members().into_iter().map(Shipped::file).collect();
+        // pii-mask and pii-mask-stream share a file, and are not neighbours in the set.
+        files.sort_unstable();
         files.dedup();
         files
     }
