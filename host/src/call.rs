@@ -71,6 +71,17 @@ fn call_id(at: SystemTime, random: u128) -> String {
     id
 }
 
+/// The milliseconds since the Unix epoch a call id begins with (its call's `received_at`), if
+/// `id` is one.
+pub fn id_millis(id: &str) -> Option<i64> {
+    let digits = id.strip_prefix("call-")?;
+    if digits.len() != 32 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let time_digits = (TIME_BITS / 4) as usize;
+    i64::from_str_radix(&digits[..time_digits], 16).ok()
+}
+
 impl Call {
     pub fn new(endpoint: Endpoint) -> Call {
         let received_at = SystemTime::now();
@@ -206,6 +217,21 @@ mod tests {
                 call_id(at, random),
                 format!("call-0123456789ab{random_part:020x}")
             );
+        }
+    }
+
+    #[test]
+    fn a_call_id_gives_back_its_time_and_nothing_else_does() {
+        let at = SystemTime::now();
+        let millis = crate::governance::period::unix_ms(at);
+        assert_eq!(id_millis(&call_id(at, fastrand::u128(..))), Some(millis));
+        for other in [
+            "r1",
+            "call-",
+            "call-0123",
+            "call-0123456789abcdef0123456789abcdeg",
+        ] {
+            assert_eq!(id_millis(other), None, "{other}");
         }
     }
 

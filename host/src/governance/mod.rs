@@ -34,7 +34,7 @@ use crate::pipeline::authenticate::Principal;
 use changes::Change;
 use limits::{Allowance, EntityId, EntityState, Kind, Refusal, Taken};
 use shared::{Ask, Held, Shared, Standing, Verdict};
-use store::{KeyRecord, Policy, SpendDelta, SpendRow, Store, StoreError, StoredSpend};
+use store::{KeyRecord, Policy, SpendBatch, SpendDelta, SpendRow, Store, StoreError, StoredSpend};
 
 /// How long a resolved key is served before it is re-read in the background, in case a change
 /// made elsewhere did not reach this process.
@@ -725,8 +725,12 @@ impl Governance {
                 std::mem::take(&mut pending.deltas),
             )
         };
-        let deltas = merge(deltas);
-        if let Err(e) = self.store.write_spend(&rows, &deltas).await {
+        let batch = Arc::new(SpendBatch {
+            rows,
+            deltas: merge(deltas),
+        });
+        if let Err(e) = self.store.write_spend(Arc::clone(&batch)).await {
+            let SpendBatch { rows, deltas } = Arc::unwrap_or_clone(batch);
             tracing::warn!(error = %e, rows = rows.len(), "cannot write spend; will retry");
             let mut pending = lock(&self.pending);
             let later_rows = std::mem::replace(&mut pending.rows, rows);

@@ -2,22 +2,28 @@
 //! (sqlx's `Any` driver). **Every query is written once, in SQL both engines accept**; the schema
 //! is versioned migrations compiled into the binary.
 //!
-//! One exception to the `Any` driver: on SQLite, spend rows (one per call) are written through
-//! sqlx's typed SQLite driver on a connection of their own. `Any` turns each argument into its
-//! engine's type by formatting it anew, which cost more than SQLite's own insert of the row.
+//! One exception to sqlx: on a SQLite file, spend rows (one per call) and the totals they add to
+//! are written by [`sqlite_spend`], a connection of their own with its inserts kept prepared,
+//! since sqlx's handling of each value cost more than SQLite's own insert of the row. The SQL is
+//! still the text Postgres runs.
+
+mod sqlite_spend;
 
 use std::borrow::Cow;
-use std::sync::LazyLock;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
 
 use serde_json::Value;
 use sqlx::any::{AnyArguments, AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::query::Query;
-use sqlx::sqlite::SqlitePoolOptions;
-use sqlx::{Any, AnyPool, AssertSqlSafe, Database, Encode, Row, SqlSafeStr, SqlitePool, Type};
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{Any, AnyPool, AssertSqlSafe, Row, SqlSafeStr};
 
 use super::limits::{EntityId, Kind};
 use super::period::Span;
+use crate::call;
 use crate::providers::JsonObject;
 
 /// What the store could not do.
@@ -29,6 +35,12 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
     Query(#[from] sqlx::Error),
+    #[error("database error writing spend: {0}")]
+    SpendWrite(#[from] rusqlite::Error),
+    #[error("cannot start the spend writer: {0}")]
+    SpendThread(std::io::Error),
+    #[error("the spend writer has stopped")]
+    SpendWriterGone,
     #[error("the database holds a bad value in {column}: {error}")]
     Corrupt {
         column: &'static str,
@@ -46,6 +58,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "spend-log indexes on team and user skip rows without one",
         include_str!("../../migrations/0002_partial_spend_indexes.sql"),
+    ),
+    (
+        3,
+        "spend logs keep no index on request ids",
+        include_str!("../../migrations/0003_spend_logs_without_request_index.sql"),
     ),
 ];
 
@@ -161,6 +178,13 @@ pub struct SpendRow {
     pub start_time: i64,
     pub end_time: i64,
     pub status: &'static str,
+}
+
+/// Spend rows and the totals they add to, written together or not at all.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpendBatch {
+    pub rows: Vec<SpendRow>,
+    pub deltas: Vec<SpendDelta>,
 }
 
 /// Spend to add to an entity's stored total for one budget period.
@@ -426,8 +450,8 @@ fn query(sql: impl Into<String>) -> AnyQuery<'static> {
 pub struct Store {
     pool: AnyPool,
     engine: &'static str,
-    /// SQLite's spend writer (see the module's comment); `None` on Postgres.
-    sqlite_spend: Option<SqlitePool>,
+    /// SQLite's spend writer (see the module's comment); `None` on Postgres and in memory.
+    sqlite_spend: Option<sqlite_spend::SqliteSpendWriter>,
 }
 
 impl Store {
@@ -435,9 +459,20 @@ impl Store {
     pub async fn open(url: &str) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
         let sqlite = url.starts_with("sqlite:");
-        let pool = AnyPoolOptions::new()
+        let file = sqlite_file(url);
+        let options = if sqlite && file.is_none() {
+            // Each connection to `:memory:` is a database of its own: this one must hold the
+            // store for the gateway's life.
+            AnyPoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+        } else {
             // SQLite takes one writer at a time anyway; a few readers keep the API responsive.
-            .max_connections(if sqlite { 4 } else { 10 })
+            AnyPoolOptions::new().max_connections(if sqlite { 4 } else { 10 })
+        };
+        let pool = options
             .connect(url)
             .await
             .map_err(|error| cannot_open(url, error))?;
@@ -447,32 +482,11 @@ impl Store {
                 .execute(&pool)
                 .await?;
         }
-        let migrations = MIGRATIONS
-            .iter()
-            .map(|(version, description, sql)| {
-                Migration::new(
-                    *version,
-                    Cow::Borrowed(*description),
-                    MigrationType::Simple,
-                    AssertSqlSafe(*sql).into_sql_str(),
-                    false,
-                )
-            })
-            .collect();
-        let mut migrator = Migrator::with_migrations(migrations);
-        migrator.dangerous_set_table_name("portcullis_migrations");
-        migrator.run(&pool).await?;
+        migrator(MIGRATIONS).run(&pool).await?;
         let engine = if sqlite { "sqlite" } else { "postgres" };
-        let sqlite_spend = if sqlite {
-            // One connection: spend is written by one task, once a second.
-            let spend_pool = SqlitePoolOptions::new()
-                .max_connections(1)
-                .connect(url)
-                .await
-                .map_err(|error| cannot_open(url, error))?;
-            Some(spend_pool)
-        } else {
-            None
+        let sqlite_spend = match file {
+            Some(file) => Some(sqlite_spend::SqliteSpendWriter::open(file).await?),
+            None => None,
         };
         Ok(Store {
             pool,
@@ -604,52 +618,29 @@ impl Store {
         row.as_ref().map(user_from_row).transpose()
     }
 
-    /// Appends spend rows and adds their spend to the totals, all or nothing.
-    pub async fn write_spend(
-        &self,
-        rows: &[SpendRow],
-        deltas: &[SpendDelta],
-    ) -> Result<(), StoreError> {
-        if let Some(spend_pool) = &self.sqlite_spend {
-            let mut tx = spend_pool.begin().await?;
-            // Kept prepared: SQLite fixes no parameter types, so the concern of `query` does not
-            // apply, and a statement per row would cost its round trip to the connection's
-            // worker each time.
-            static INSERTS: LazyLock<[String; 4]> = LazyLock::new(|| {
-                SQLITE_INSERT_ROWS.map(|rows| insert_spend_sql(rows, Placeholders::Anonymous))
-            });
-            let mut rest = rows;
-            while let Some(size) = SQLITE_INSERT_ROWS.iter().position(|&n| n <= rest.len()) {
-                let (chunk, tail) = rest.split_at(SQLITE_INSERT_ROWS[size]);
-                let mut insert = sqlx::query(AssertSqlSafe(INSERTS[size].as_str()));
-                for row in chunk {
-                    insert = bind_spend_row(insert, row);
-                }
-                insert.execute(&mut *tx).await?;
-                rest = tail;
-            }
-            for delta in deltas {
-                bind_spend_delta(sqlx::query(AssertSqlSafe(delta_sql(delta))), delta)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            tx.commit().await?;
-        } else {
-            let mut tx = self.pool.begin().await?;
-            for chunk in rows.chunks(SPEND_ROWS_PER_INSERT) {
-                let mut insert = query(insert_spend_sql(chunk.len(), Placeholders::Numbered));
-                for row in chunk {
-                    insert = bind_spend_row(insert, row);
-                }
-                insert.execute(&mut *tx).await?;
-            }
-            for delta in deltas {
-                bind_spend_delta(query(delta_sql(delta)), delta)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            tx.commit().await?;
+    /// Appends spend rows and adds their spend to the totals, all or nothing. The batch is shared
+    /// with SQLite's writer thread; once this returns, the caller holds it alone again.
+    pub async fn write_spend(&self, batch: Arc<SpendBatch>) -> Result<(), StoreError> {
+        if let Some(writer) = &self.sqlite_spend {
+            return writer.write(batch).await;
         }
+        let mut tx = self.pool.begin().await?;
+        for chunk in batch.rows.chunks(SPEND_ROWS_PER_INSERT) {
+            let mut insert = query(insert_spend_sql(chunk.len(), Placeholders::Numbered));
+            for row in chunk {
+                insert = bind_spend_row(insert, row);
+            }
+            insert.execute(&mut *tx).await?;
+        }
+        for delta in &batch.deltas {
+            query(delta_sql(delta))
+                .bind(delta.period_start)
+                .bind(delta.amount)
+                .bind(delta.entity.id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -660,6 +651,10 @@ impl Store {
         filters.text("user_id =", &filter.user_id);
         filters.text("team_id =", &filter.team_id);
         filters.text("request_id =", &filter.request_id);
+        // No index holds request ids; the time a call's id begins with finds its row by the
+        // time index instead. Another id matches no row the gateway wrote, by a scan.
+        let id_time = filter.request_id.as_deref().and_then(call::id_millis);
+        filters.number("start_time =", id_time);
         filters.number("start_time >=", filter.start);
         filters.number("start_time <", filter.end);
         let select = filters.bind(query(format!(
@@ -692,8 +687,8 @@ impl Store {
 
     /// Closes the pools, waiting for connections in use.
     pub async fn close(&self) {
-        if let Some(spend_pool) = &self.sqlite_spend {
-            spend_pool.close().await;
+        if let Some(writer) = &self.sqlite_spend {
+            writer.close().await;
         }
         self.pool.close().await;
     }
@@ -755,6 +750,24 @@ impl Filters {
         }
         q
     }
+}
+
+fn migrator(migrations: &[(i64, &'static str, &'static str)]) -> Migrator {
+    let migrations = migrations
+        .iter()
+        .map(|(version, description, sql)| {
+            Migration::new(
+                *version,
+                Cow::Borrowed(*description),
+                MigrationType::Simple,
+                AssertSqlSafe(*sql).into_sql_str(),
+                false,
+            )
+        })
+        .collect();
+    let mut migrator = Migrator::with_migrations(migrations);
+    migrator.dangerous_set_table_name("portcullis_migrations");
+    migrator
 }
 
 fn cannot_open(url: &str, error: sqlx::Error) -> StoreError {
@@ -853,45 +866,61 @@ fn delta_sql(delta: &SpendDelta) -> String {
     )
 }
 
-/// A query of either driver; spend writes go through both (see the module's comment).
-type DriverQuery<'q, DB> = Query<'q, DB, <DB as Database>::Arguments>;
-
-fn bind_spend_delta<'q, DB>(q: DriverQuery<'q, DB>, delta: &SpendDelta) -> DriverQuery<'q, DB>
-where
-    DB: Database,
-    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
-    for<'t> f64: Encode<'t, DB> + Type<DB>,
-    for<'t> i64: Encode<'t, DB> + Type<DB>,
-{
-    q.bind(delta.period_start)
-        .bind(delta.amount)
-        .bind(delta.entity.id.as_str())
+/// A spend-log value, as either driver binds it.
+#[derive(Debug, Clone, Copy)]
+enum SpendValue<'a> {
+    Text(Option<&'a str>),
+    Real(f64),
+    Integer(i64),
 }
 
-fn bind_spend_row<'q, DB>(q: DriverQuery<'q, DB>, row: &SpendRow) -> DriverQuery<'q, DB>
-where
-    DB: Database,
-    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
-    for<'t> Option<&'t str>: Encode<'t, DB> + Type<DB>,
-    for<'t> f64: Encode<'t, DB> + Type<DB>,
-    for<'t> i64: Encode<'t, DB> + Type<DB>,
-{
-    q.bind(row.request_id.as_str())
-        .bind(row.api_key.as_str())
-        .bind(row.key_alias.as_deref())
-        .bind(row.spend)
-        .bind(row.prompt_tokens)
-        .bind(row.completion_tokens)
-        .bind(row.total_tokens)
-        .bind(row.model.as_str())
-        .bind(row.model_group.as_str())
-        .bind(row.model_id.as_str())
-        .bind(row.user_id.as_deref())
-        .bind(row.team_id.as_deref())
-        .bind(row.end_user.as_deref())
-        .bind(row.start_time)
-        .bind(row.end_time)
-        .bind(row.status)
+/// `row`'s values in [`SPEND_LOG_COLUMNS`]'s order.
+fn spend_row_values(row: &SpendRow) -> [SpendValue<'_>; SPEND_LOG_COLUMNS.len()] {
+    use SpendValue::{Integer, Real, Text};
+    [
+        Text(Some(&row.request_id)),
+        Text(Some(&row.api_key)),
+        Text(row.key_alias.as_deref()),
+        Real(row.spend),
+        Integer(row.prompt_tokens),
+        Integer(row.completion_tokens),
+        Integer(row.total_tokens),
+        Text(Some(&row.model)),
+        Text(Some(&row.model_group)),
+        Text(Some(&row.model_id)),
+        Text(row.user_id.as_deref()),
+        Text(row.team_id.as_deref()),
+        Text(row.end_user.as_deref()),
+        Integer(row.start_time),
+        Integer(row.end_time),
+        Text(Some(row.status)),
+    ]
+}
+
+/// Binds `row`'s values after those `q` has.
+fn bind_spend_row<'q>(mut q: AnyQuery<'q>, row: &SpendRow) -> AnyQuery<'q> {
+    for value in spend_row_values(row) {
+        q = match value {
+            SpendValue::Text(text) => q.bind(text),
+            SpendValue::Real(real) => q.bind(real),
+            SpendValue::Integer(integer) => q.bind(integer),
+        };
+    }
+    q
+}
+
+/// The file a `sqlite:` URL opens; `None` for any other URL and for an in-memory database, which
+/// only the pool's own connections share (its spend goes through the pool).
+fn sqlite_file(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let (path, parameters) = rest.split_once('?').unwrap_or((rest, ""));
+    let in_memory = path.trim_start_matches('/') == ":memory:"
+        || parameters.split('&').any(|pair| pair == "mode=memory");
+    if in_memory {
+        return None;
+    }
+    let options = SqliteConnectOptions::from_str(url).ok()?;
+    Some(options.get_filename().to_owned())
 }
 
 fn parsed<T: serde::de::DeserializeOwned>(
@@ -1032,6 +1061,127 @@ mod tests {
         (Store::open(&url).await.expect("opens"), dir)
     }
 
+    #[test]
+    fn spend_has_a_writer_of_its_own_only_for_a_sqlite_file() {
+        assert_eq!(
+            sqlite_file("sqlite:///var/lib/p.db?mode=rwc"),
+            Some(PathBuf::from("/var/lib/p.db"))
+        );
+        assert_eq!(sqlite_file("sqlite::memory:"), None);
+        assert_eq!(sqlite_file("sqlite://:memory:"), None);
+        assert_eq!(sqlite_file("sqlite://p.db?mode=memory"), None);
+        assert_eq!(sqlite_file("postgres://u:p@h/db"), None);
+    }
+
+    #[tokio::test]
+    async fn an_in_memory_store_writes_spend_through_its_pool() {
+        let store = Store::open("sqlite::memory:").await.expect("opens");
+        assert_rows_read_back(&store, vec![spend_row("r1"), spend_row("r2")]).await;
+    }
+
+    /// Writes `rows` alone and reads every row back.
+    async fn assert_rows_read_back(store: &Store, rows: Vec<SpendRow>) {
+        store
+            .write_spend(Arc::new(batch(rows.clone(), vec![])))
+            .await
+            .expect("write");
+        let logs = store
+            .spend_logs(&SpendFilter {
+                limit: 100,
+                ..SpendFilter::default()
+            })
+            .await
+            .expect("logs");
+        assert_eq!(logs, rows);
+    }
+
+    #[tokio::test]
+    async fn a_spend_row_is_found_by_its_call_id_and_by_any_other_id() {
+        let (store, dir) = temporary_store().await;
+        let call = crate::call::Call::new(crate::providers::Endpoint::ChatCompletions);
+        let mut by_call = spend_row(&call.id);
+        by_call.start_time = super::super::period::unix_ms(call.received_at);
+        let rows = vec![by_call, spend_row("not-a-call-id")];
+        store
+            .write_spend(Arc::new(batch(rows.clone(), vec![])))
+            .await
+            .expect("write");
+        for row in &rows {
+            let found = store
+                .spend_logs(&SpendFilter {
+                    request_id: Some(row.request_id.clone()),
+                    limit: 10,
+                    ..SpendFilter::default()
+                })
+                .await
+                .expect("logs");
+            assert_eq!(found, vec![row.clone()]);
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn spend_rows_written_before_the_request_index_went_are_kept() {
+        let (store, dir) = temporary_store().await;
+        store.close().await;
+        let url = format!("sqlite://{}?mode=rwc", dir.join("before.db").display());
+        let rows = vec![spend_row("r1"), spend_row("r2")];
+        {
+            sqlx::any::install_default_drivers();
+            let pool = AnyPool::connect(&url).await.expect("connects");
+            migrator(&MIGRATIONS[..2])
+                .run(&pool)
+                .await
+                .expect("migrates");
+            let insert = query(insert_spend_sql(rows.len(), Placeholders::Numbered));
+            let insert = rows.iter().fold(insert, bind_spend_row);
+            insert.execute(&pool).await.expect("inserts");
+            pool.close().await;
+        }
+        let migrated = Store::open(&url).await.expect("migrates the rest");
+        let logs = migrated
+            .spend_logs(&SpendFilter {
+                limit: 10,
+                ..SpendFilter::default()
+            })
+            .await
+            .expect("logs");
+        assert_eq!(logs, rows);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_closed_store_refuses_spend_and_the_caller_keeps_it() {
+        let (store, dir) = temporary_store().await;
+        store.close().await;
+        let written = Arc::new(batch(vec![spend_row("r1")], vec![]));
+        let refused = store.write_spend(Arc::clone(&written)).await;
+        assert!(
+            matches!(refused, Err(StoreError::SpendWriterGone)),
+            "{refused:?}"
+        );
+        assert_eq!(Arc::strong_count(&written), 1);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn spend_row(id: &str) -> SpendRow {
+        SpendRow {
+            request_id: id.into(),
+            api_key: "token-a".into(),
+            model: "up".into(),
+            model_group: "m".into(),
+            model_id: "m-0".into(),
+            start_time: 5_000,
+            end_time: 5_100,
+            status: "success",
+            ..SpendRow::default()
+        }
+    }
+
+    fn batch(rows: Vec<SpendRow>, deltas: Vec<SpendDelta>) -> SpendBatch {
+        SpendBatch { rows, deltas }
+    }
+
     fn key(id: &str, team: Option<&str>) -> KeyRecord {
         KeyRecord {
             id: id.into(),
@@ -1087,15 +1237,7 @@ mod tests {
                 status: "success",
             })
             .collect();
-        store.write_spend(&rows, &[]).await.expect("write");
-        let logs = store
-            .spend_logs(&SpendFilter {
-                limit: 100,
-                ..SpendFilter::default()
-            })
-            .await
-            .expect("logs");
-        assert_eq!(logs, rows);
+        assert_rows_read_back(&store, rows).await;
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -1145,13 +1287,16 @@ mod tests {
             amount,
         };
         store
-            .write_spend(&[row("r1"), row("r2")], &[delta(1_000, 0.5)])
+            .write_spend(Arc::new(batch(
+                vec![row("r1"), row("r2")],
+                vec![delta(1_000, 0.5)],
+            )))
             .await
             .expect("write");
         // A late delta for an older period leaves the current total alone; a newer period
         // replaces it.
         store
-            .write_spend(&[], &[delta(500, 9.0)])
+            .write_spend(Arc::new(batch(vec![], vec![delta(500, 9.0)])))
             .await
             .expect("write");
         let spend = |store: Store| async move {
@@ -1164,7 +1309,7 @@ mod tests {
         };
         assert_eq!(spend(store.clone()).await.spend, 0.5);
         store
-            .write_spend(&[], &[delta(2_000, 0.125)])
+            .write_spend(Arc::new(batch(vec![], vec![delta(2_000, 0.125)])))
             .await
             .expect("write");
         assert_eq!(
