@@ -720,8 +720,11 @@ impl Governance {
         self.flushes.fetch_add(1, Ordering::SeqCst);
         let (rows, deltas) = {
             let mut pending = lock(&self.pending);
+            // Room for as many rows as the last flush took: the queue does not start from nothing
+            // each second, copying itself at every doubling.
+            let room = pending.rows.len();
             (
-                std::mem::take(&mut pending.rows),
+                std::mem::replace(&mut pending.rows, Vec::with_capacity(room)),
                 std::mem::take(&mut pending.deltas),
             )
         };

@@ -28,9 +28,12 @@ pub fn finish(generation: &Generation, call: Call, outcome: Outcome) -> Charging
         .governance
         .as_ref()
         .and_then(|governance| governance.charge(&call, &outcome));
-    generation
-        .post_call
-        .submit(&generation.hooks, call.record(outcome));
+    // A record is made only for hooks to read; the call's own fields move into it.
+    if !generation.hooks.is_empty() {
+        generation
+            .post_call
+            .submit(&generation.hooks, call.into_record(outcome));
+    }
     Charging(charging)
 }
 
@@ -178,7 +181,7 @@ mod tests {
         for _ in 0..5 {
             queue.submit(
                 &hooks,
-                Call::new(Endpoint::ChatCompletions).record(Outcome::Success),
+                Call::new(Endpoint::ChatCompletions).into_record(Outcome::Success),
             );
         }
         assert_eq!(queue.dropped(), 4);

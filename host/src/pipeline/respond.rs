@@ -76,8 +76,11 @@ pub async fn respond(
         Answer::Whole(answer) => {
             // Usage was taken when the answer arrived (pipeline::take_usage).
             let body = Bytes::from(answer.into_body(&call.requested_model));
-            let mut response = json_response(StatusCode::OK, body);
+            let mut response = Response::new(full_body(body));
+            // The headers first, into a map still empty: sized once, never rehashed.
             add_headers(&mut response, &call, &deployment, Some(call.cost));
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             drop(in_flight);
             // Charged before the client has the answer: its next request sees the spend.
             super::post_call::finish(&generation, call, Outcome::Success)
@@ -87,11 +90,11 @@ pub async fn respond(
         }
         Answer::Stream { first, rest } => {
             let mut response = Response::new(full_body(Bytes::new()));
+            // Cost is known only at the end of a stream; post-call hooks receive it.
+            add_headers(&mut response, &call, &deployment, None);
             let headers = response.headers_mut();
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
             headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            // Cost is known only at the end of a stream; post-call hooks receive it.
-            add_headers(&mut response, &call, &deployment, None);
             let end = StreamEnd {
                 generation,
                 call,
@@ -116,7 +119,8 @@ fn add_headers(
     cost: Option<f64>,
 ) {
     let headers = response.headers_mut();
-    // One allocation for every header this adds, instead of growing at each.
+    // One allocation for every header this adds and the two its caller adds after, instead of
+    // growing at each.
     headers.reserve(12 + call.key_headers.len());
     let names = &deployment.header_values;
     for (name, value) in [
@@ -128,22 +132,23 @@ fn add_headers(
             headers.insert(name, value.clone());
         }
     }
-    let mut put = |name: HeaderName, value: &str| {
-        if let Ok(value) = HeaderValue::from_str(value) {
+    let mut put = |name: HeaderName, value: Option<HeaderValue>| {
+        if let Some(value) = value {
             headers.insert(name, value);
         }
     };
-    put(CALL_ID, &call.id);
+    put(CALL_ID, HeaderValue::from_str(&call.id).ok());
     if let Some(cost) = cost {
-        put(RESPONSE_COST, &fixed_point(cost, 10));
+        put(RESPONSE_COST, fixed_point(cost, 10));
     }
+    let milliseconds = |elapsed: std::time::Duration| elapsed.as_secs_f64() * 1000.0;
     put(
         RESPONSE_DURATION,
-        &fixed_point(call.received.elapsed().as_secs_f64() * 1000.0, 3),
+        fixed_point(milliseconds(call.received.elapsed()), 3),
     );
     put(
         OVERHEAD_DURATION,
-        &fixed_point(call.overhead().as_secs_f64() * 1000.0, 3),
+        fixed_point(milliseconds(call.overhead()), 3),
     );
     // Numbers need no check, nor a string first.
     let retries = HeaderValue::from(call.attempts.saturating_sub(1));
@@ -171,23 +176,30 @@ const OVERHEAD_DURATION: HeaderName = HeaderName::from_static("x-portcullis-over
 const ATTEMPTED_RETRIES: HeaderName = HeaderName::from_static("x-portcullis-attempted-retries");
 const ATTEMPTED_FALLBACKS: HeaderName = HeaderName::from_static("x-portcullis-attempted-fallbacks");
 
-/// `value` with `decimals` (at least one) digits after the point, through integers: formatting a
-/// float with a fixed precision takes the slow exact path (thousands of instructions a header).
-fn fixed_point(value: f64, decimals: u32) -> String {
+/// `value` with `decimals` (1 to 19) digits after the point, written from an integer: formatting a
+/// float with a fixed precision takes the slow exact path (thousands of instructions a header),
+/// and formatting the integer costs more than these few divisions.
+fn fixed_point(value: f64, decimals: u32) -> Option<HeaderValue> {
     let scale = 10u64.pow(decimals);
     if !value.is_finite() || value < 0.0 || value >= (u64::MAX / scale) as f64 {
-        return format!("{value:.*}", decimals as usize);
+        return HeaderValue::from_str(&format!("{value:.*}", decimals as usize)).ok();
     }
-    let scaled = (value * scale as f64).round() as u64;
-    let digits = scaled.to_string();
-    let decimals = decimals as usize;
-    let mut text = String::with_capacity(digits.len().max(decimals + 1) + 1);
-    for _ in digits.len()..=decimals {
-        text.push('0');
+    let mut scaled = (value * scale as f64).round() as u64;
+    // Filled from the end: 20 digits at most, the point, and a leading zero.
+    let mut text = [0u8; 24];
+    let mut start = text.len();
+    let mut written = 0;
+    while scaled > 0 || written <= decimals {
+        if written == decimals {
+            start -= 1;
+            text[start] = b'.';
+        }
+        start -= 1;
+        text[start] = b'0' + (scaled % 10) as u8;
+        scaled /= 10;
+        written += 1;
     }
-    text.push_str(&digits);
-    text.insert(text.len() - decimals, '.');
-    text
+    HeaderValue::from_bytes(&text[start..]).ok()
 }
 
 /// The stream the client reads: chunks re-labelled with the client's model, usage taken on the
@@ -421,13 +433,16 @@ mod tests {
             (12.345_678, 3),
             (0.000_15, 10),
             (1_234.567_8, 1),
+            (0.05, 1),
+            (9.999_6, 3),
+            (123.456, 10),
         ] {
             assert_eq!(
-                fixed_point(value, decimals),
+                fixed_point(value, decimals).expect("a header value"),
                 format!("{value:.*}", decimals as usize),
                 "{value} to {decimals}"
             );
         }
-        assert_eq!(fixed_point(f64::NAN, 3), "NaN");
+        assert_eq!(fixed_point(f64::NAN, 3).expect("a header value"), "NaN");
     }
 }

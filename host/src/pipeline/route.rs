@@ -58,11 +58,11 @@ pub async fn route(
     } else {
         0
     };
-    let groups: Vec<String> = std::iter::once(call.model.clone())
-        .chain(router.fallbacks(&call.model).iter().cloned())
-        .collect();
+    // The call changes as it goes; its model's name is kept apart from it.
+    let model = call.model.clone();
+    let groups = std::iter::once(&model).chain(router.fallbacks(&model));
     let mut last_error: Option<GatewayError> = None;
-    for (group_index, group) in groups.iter().enumerate() {
+    for (group_index, group) in groups.enumerate() {
         if group_index > 0 {
             call.fallbacks += 1;
             debug!(%group, "falling back");
