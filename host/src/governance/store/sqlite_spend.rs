@@ -1,9 +1,9 @@
 //! SQLite's spend writer: one connection on a thread of its own, holding its inserts prepared.
 //!
-//! Spend rows are the one write every call makes. Through sqlx each row cost about as much again
-//! as SQLite's own insert of it (each value copied into an argument list, then into a connection
-//! worker's queue); here a row's values are bound straight from the batch into statements that
-//! stay prepared for the connection's life. **A batch is written in one transaction, all or
+//! Spend rows are the one write every call makes. Through sqlx each row cost over half as much
+//! again as SQLite's own insert of it (each value copied into an argument list on its way to a
+//! connection worker, every binding cleared after each statement); here a row's values are bound
+//! straight from the batch into statements that stay prepared for the connection's life. **A batch is written in one transaction, all or
 //! nothing**, exactly as on Postgres, and the SQL is the same text both engines read.
 
 use std::path::PathBuf;
