@@ -275,8 +275,8 @@ const SPEND_LOG_COLUMNS: &[&str] = &[
     "status",
 ];
 
-/// Rows per `INSERT` of spend logs on Postgres: one round trip for many, well under its limit on
-/// parameters.
+/// Rows per `INSERT` of spend logs through the pool (Postgres, or SQLite in memory): one round
+/// trip for many, well under Postgres's limit on parameters.
 const SPEND_ROWS_PER_INSERT: usize = 50;
 
 /// The row counts SQLite spend inserts are prepared for, largest first; any count of rows is
@@ -635,10 +635,11 @@ impl Store {
             insert.execute(&mut *tx).await?;
         }
         for delta in &batch.deltas {
+            let (period_start, amount, id) = delta_values(delta);
             query(delta_sql(delta))
-                .bind(delta.period_start)
-                .bind(delta.amount)
-                .bind(delta.entity.id.as_str())
+                .bind(period_start)
+                .bind(amount)
+                .bind(id)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -866,6 +867,11 @@ fn delta_sql(delta: &SpendDelta) -> String {
          ELSE $2 END, budget_period_start = $1 WHERE {} = $3 AND budget_period_start <= $1",
         table.name, table.id
     )
+}
+
+/// `delta`'s values for [`delta_sql`]'s `$1`, `$2` and `$3`.
+fn delta_values(delta: &SpendDelta) -> (i64, f64, &str) {
+    (delta.period_start, delta.amount, delta.entity.id.as_str())
 }
 
 /// A spend-log value, as either driver binds it.

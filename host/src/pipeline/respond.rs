@@ -39,9 +39,11 @@ pub fn json_response(status: StatusCode, body: Bytes) -> Response<ResponseBody> 
     *response.status_mut() = status;
     response
         .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        .insert(CONTENT_TYPE, APPLICATION_JSON);
     response
 }
+
+const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 /// The OpenAI error body for `err`, with its status and retry headers.
 pub fn error_response(err: &GatewayError, call_id: Option<&str>) -> Response<ResponseBody> {
@@ -80,7 +82,7 @@ pub async fn respond(
             // The headers first, into a map still empty: sized once, never rehashed.
             add_headers(&mut response, &call, &deployment, Some(call.cost));
             let headers = response.headers_mut();
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            headers.insert(CONTENT_TYPE, APPLICATION_JSON);
             drop(in_flight);
             // Charged before the client has the answer: its next request sees the spend.
             super::post_call::finish(&generation, call, Outcome::Success)

@@ -15,8 +15,8 @@ use rusqlite::{Connection, OpenFlags, Statement};
 use tokio::sync::oneshot;
 
 use super::{
-    delta_sql, insert_spend_sql, spend_row_values, Placeholders, SpendBatch, SpendRow, SpendValue,
-    StoreError, SPEND_LOG_COLUMNS, SQLITE_INSERT_ROWS,
+    delta_sql, delta_values, insert_spend_sql, spend_row_values, Placeholders, SpendBatch,
+    SpendRow, SpendValue, StoreError, SPEND_LOG_COLUMNS, SQLITE_INSERT_ROWS,
 };
 
 /// As long as sqlx's connections wait for a lock held by another writer.
@@ -185,10 +185,7 @@ fn bind_row(insert: &mut Statement<'_>, before: usize, row: &SpendRow) -> rusqli
 fn add_deltas(connection: &Connection, batch: &SpendBatch) -> rusqlite::Result<()> {
     for delta in &batch.deltas {
         // `$1`, `$2`, `$3` first appear in that order, so they bind by position.
-        connection.execute(
-            &delta_sql(delta),
-            (delta.period_start, delta.amount, delta.entity.id.as_str()),
-        )?;
+        connection.execute(&delta_sql(delta), delta_values(delta))?;
     }
     Ok(())
 }
